@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both run as the postgres OS user (PostgreSQL refuses root): as root, scripts/as-postgres
+# copies the tree to a directory that user owns and re-runs the target there.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint demo-inner test-inner bench venv
+demo:
+	@scripts/as-postgres demo-inner
+test:
+	@scripts/as-postgres test-inner
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+demo-inner: venv
+	$(VENV)/bin/python -m saveit_backup.demo
+
+test-inner: lint
+	$(VENV)/bin/pytest -p no:cacheprovider -q $(PYTEST_ARGS)
+
+bench: venv
+	$(VENV)/bin/python bench/logical.py

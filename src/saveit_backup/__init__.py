@@ -1,0 +1,3 @@
+"""saveit-backup: PostgreSQL backup and restore."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from saveit_backup.cli import main
+
+sys.exit(main())

@@ -1,0 +1,283 @@
+"""Restore logical backups with pg_restore, then compare row counts with the manifest."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from saveit_backup.compose import Context
+from saveit_backup.domain.manifest import Manifest
+from saveit_backup.errors import BackupNotFound, ConfigError, IntegrityError, PgToolError, RestoreMismatch, RestoreRefused
+from saveit_backup.ops.logical import (
+    GLOBALS_OBJECT,
+    RestoreReport,
+    TableComparison,
+    dump_object_name,
+)
+from saveit_backup.ops.progress import Progress
+from saveit_backup.ops.verify import verify_backup
+from saveit_backup.pg.conn import connect, describe_dsn, find_tool, split_password, tool_env, with_dbname
+from saveit_backup.repo import layout
+from saveit_backup.repo.repository import Repository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RestoreRequest:
+    ref: str
+    target_db: str
+    tables: Sequence[str] = ()
+    schemas: Sequence[str] = ()
+    create: bool = False
+    clean: bool = False
+    jobs: int = 2
+    no_fallback: bool = False
+    database: str | None = None  # which database of an --all-databases backup
+    no_owner: bool = False
+    allow_environment: bool = False
+
+
+def choose_backup(repo: Repository, ref: str, kind: str, no_fallback: bool, jobs: int) -> Manifest:
+    """``latest`` means the newest backup of ``kind`` that verifies; skipping one is said loudly."""
+    if ref != "latest":
+        return repo.load_manifest(ref)
+    candidates = [m for m in reversed(repo.manifests()) if m.type == kind]
+    if not candidates:
+        raise BackupNotFound(f"no {kind} backup in {repo.storage.capabilities.url}")
+    for manifest in candidates:
+        report = verify_backup(repo, manifest, jobs)
+        if report.ok:
+            return manifest
+        message = f"backup {manifest.id} fails verification: {'; '.join(report.problems)}"
+        if no_fallback:
+            raise IntegrityError(message, hint="restore an older backup by ID, or drop --no-fallback")
+        print(f"WARNING: {message}; falling back to the previous backup", file=sys.stderr)
+        log.warning("%s; falling back to the previous backup", message)
+    raise IntegrityError(f"no {kind} backup in {repo.storage.capabilities.url} passes verification")
+
+
+def _user_relations(conn: Any, tables: Sequence[tuple[str, str]] | None) -> list[str]:
+    sql = ("SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+           " WHERE c.relkind IN ('r','p','v','m','S','f') AND n.nspname NOT IN ('pg_catalog','information_schema')"
+           " AND n.nspname NOT LIKE 'pg_toast%%' AND n.nspname NOT LIKE 'pg_temp%%'")
+    rows = [str(r[0]) for r in conn.execute(sql).fetchall()]
+    if tables is None:
+        return rows
+    wanted = {f"{s}.{n}" for s, n in tables}
+    return [r for r in rows if r in wanted]
+
+
+def _ensure_database(target_dsn: str, dbname: str) -> None:
+    admin = connect(with_dbname(target_dsn, "postgres"))
+    try:
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [dbname]).fetchone()
+        if not exists:
+            from psycopg import sql
+
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+            log.info("created database %s", dbname)
+    finally:
+        admin.close()
+
+
+def _target_dbname(target_dsn: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict
+
+    name = conninfo_to_dict(target_dsn).get("dbname") if target_dsn else None
+    return str(name or os.environ.get("PGDATABASE") or "")
+
+
+def restore_logical(ctx: Context, req: RestoreRequest, progress: Progress) -> RestoreReport:
+    repo = ctx.repo
+    repo.load_config()
+    manifest = choose_backup(repo, req.ref, "logical", req.no_fallback, ctx.settings.jobs)
+    if manifest.type != "logical":
+        raise ConfigError(f"backup {manifest.id} is a {manifest.type} backup", hint="restore physical backups with --target-dir")
+    env_label = ctx.settings.environment
+    if manifest.environment and env_label and manifest.environment != env_label and not req.allow_environment:
+        raise RestoreRefused(
+            f"backup {manifest.id} comes from environment '{manifest.environment}' but this is '{env_label}'",
+            hint="check the target; pass --allow-environment-mismatch if this restore is intended",
+        )
+    all_db = bool(manifest.options.get("all_databases"))
+    source_db = req.database or (manifest.database if not all_db else "")
+    if all_db and not req.database:
+        raise ConfigError("this backup holds several databases", hint="choose one with --database NAME")
+    name = dump_object_name(source_db, all_db)
+    try:
+        entry = manifest.object(name)
+    except KeyError:
+        raise BackupNotFound(f"backup {manifest.id} holds no database {source_db!r}") from None
+
+    target = req.target_db
+    if req.create:
+        dbname = _target_dbname(target)
+        if not dbname:
+            raise ConfigError("--create needs a database name in --target-db")
+        _ensure_database(target, dbname)
+    expected = [t for t in manifest.tables if t.database == source_db or not all_db]
+    if req.tables:
+        wanted = set(req.tables)
+        expected = [t for t in expected if t.name in wanted or t.qualified in wanted]
+    if req.schemas:
+        expected = [t for t in expected if t.schema in set(req.schemas)]
+
+    conn = connect(target)
+    try:
+        existing = _user_relations(conn, [(t.schema, t.name) for t in expected] if (req.tables or req.schemas) else None)
+    finally:
+        conn.close()
+    if existing and not req.clean:
+        shown = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise RestoreRefused(f"target {describe_dsn(target)} is not empty ({len(existing)} relations: {shown})")
+
+    pg_restore = find_tool("pg_restore", ctx.settings.pg_bindir, manifest.pg_version // 10000)
+    base_dsn, pw_env = split_password(target)
+    args = [pg_restore, "--exit-on-error", "-d", base_dsn or _target_dbname(target) or "postgres"]
+    if req.clean:
+        args += ["--clean", "--if-exists"]
+    if req.no_owner:
+        args += ["--no-owner", "--no-acl"]
+    for table in req.tables:
+        args += ["-t", table.rpartition(".")[2]]
+    schemas = set(req.schemas) | {table.rpartition(".")[0] for table in req.tables if "." in table}
+    for schema in sorted(schemas):
+        args += ["-n", schema]
+    key = layout.object_key(manifest.id, entry.name)
+    stream = progress.track(repo.read_object(key), f"restore {manifest.id}", entry.size)
+    env = tool_env(pw_env)
+    if req.jobs > 1:
+        # Parallel pg_restore needs a seekable archive: decode to a private temporary file.
+        with tempfile.TemporaryDirectory(prefix="saveit-restore-") as tmp:
+            path = Path(tmp) / "archive.dump"
+            with open(path, "wb") as out:
+                for chunk in stream:
+                    out.write(chunk)
+            _run(args + ["-j", str(req.jobs), str(path)], env, None)
+    else:
+        _run(args, env, stream)
+
+    report = RestoreReport(manifest.id, describe_dsn(target))
+    conn = connect(target)
+    try:
+        from psycopg import sql
+
+        for t in expected:
+            try:
+                query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(t.schema), sql.Identifier(t.name))
+                row = conn.execute(query).fetchone()
+                restored: int | None = int(row[0]) if row else None
+            except Exception:
+                restored = None
+            report.tables.append(TableComparison(t.qualified, t.rows, restored))
+    finally:
+        conn.close()
+    return report
+
+
+def _run(cmd: list[str], env: dict[str, str], stdin_chunks: Iterable[bytes] | None) -> None:
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin_chunks is not None else None,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    err: list[bytes] = []
+    t = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    t.start()
+    out_t = threading.Thread(target=lambda: proc.stdout.read(), daemon=True)  # type: ignore[union-attr]
+    out_t.start()
+    try:
+        if stdin_chunks is not None:
+            assert proc.stdin is not None
+            try:
+                for chunk in stdin_chunks:
+                    proc.stdin.write(chunk)
+            except BrokenPipeError:
+                pass
+            finally:
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+        rc = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    t.join()
+    if rc != 0:
+        lines = b"".join(err).decode(errors="replace").strip().splitlines()
+        raise PgToolError(f"{Path(cmd[0]).name} failed: {lines[-1] if lines else f'exit status {rc}'}")
+
+
+def check_report(report: RestoreReport) -> None:
+    bad = [t for t in report.tables if not t.ok]
+    if bad:
+        raise RestoreMismatch(f"{len(bad)} table(s) differ from the backup: " + ", ".join(
+            f"{t.table} {t.restored} != {t.expected}" for t in bad[:5]))
+
+
+def export_backup(ctx: Context, ref: str, path: str, fmt: str, database: str | None, progress: Progress) -> Manifest:
+    """Write a file standard tools read: a pg_restore archive or a gzipped SQL script."""
+    repo = ctx.repo
+    repo.load_config()
+    manifest = repo.resolve(ref)
+    if manifest.type != "logical":
+        raise ConfigError(f"export supports logical backups; {manifest.id} is {manifest.type}")
+    all_db = bool(manifest.options.get("all_databases"))
+    if all_db and not database:
+        raise ConfigError("this backup holds several databases", hint="choose one with --database NAME (or 'globals')")
+    name = GLOBALS_OBJECT if database == "globals" else dump_object_name(database or manifest.database, all_db)
+    try:
+        entry = manifest.object(name)
+    except KeyError:
+        raise BackupNotFound(f"backup {manifest.id} holds no object {name}") from None
+    stream = progress.track(repo.read_object(layout.object_key(manifest.id, name)), f"export {manifest.id}", entry.size)
+    tmp = f"{path}.partial"
+    with open(tmp, "wb") as raw:
+        if fmt == "dump" or name == GLOBALS_OBJECT:
+            if name == GLOBALS_OBJECT and fmt == "sql.gz":
+                with gzip.GzipFile(fileobj=raw, mode="wb") as gz:
+                    for chunk in stream:
+                        gz.write(chunk)
+            else:
+                for chunk in stream:
+                    raw.write(chunk)
+        elif fmt == "sql.gz":
+            _archive_to_sql_gz(ctx, manifest, stream, raw)
+        else:
+            raise ConfigError(f"unknown export format {fmt!r}", hint="use --format dump or --format sql.gz")
+    os.replace(tmp, path)
+    return manifest
+
+
+def _archive_to_sql_gz(ctx: Context, manifest: Manifest, stream: Iterable[bytes], raw: BinaryIO) -> None:
+    pg_restore = find_tool("pg_restore", ctx.settings.pg_bindir, manifest.pg_version // 10000)
+    proc = subprocess.Popen([pg_restore, "-f", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin and proc.stdout
+
+    def feed() -> None:
+        try:
+            for chunk in stream:
+                proc.stdin.write(chunk)  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass
+        finally:
+            proc.stdin.close()  # type: ignore[union-attr]
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) as gz:
+        shutil.copyfileobj(proc.stdout, gz, 1 << 20)
+    feeder.join()
+    err = proc.stderr.read() if proc.stderr else b""
+    if proc.wait() != 0:
+        raise PgToolError(f"pg_restore -f - failed: {err.decode(errors='replace').strip()[-300:]}")

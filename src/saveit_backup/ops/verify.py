@@ -1,0 +1,52 @@
+"""Re-read every object through its inverse pipeline and check size and checksum."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from saveit_backup.domain.manifest import Manifest, ObjectEntry
+from saveit_backup.errors import SaveitError
+from saveit_backup.repo import layout
+from saveit_backup.repo.repository import Repository
+
+
+@dataclass
+class VerifyReport:
+    backup_id: str
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_object(repo: Repository, backup_id: str, entry: ObjectEntry) -> str | None:
+    key = layout.object_key(backup_id, entry.name)
+    h = hashlib.sha256()
+    size = 0
+    try:
+        for chunk in repo.read_object(key):
+            h.update(chunk)
+            size += len(chunk)
+    except SaveitError as exc:
+        return f"{entry.name}: {exc.message}"
+    if size != entry.size:
+        return f"{entry.name}: size {size} differs from manifest {entry.size} (corrupt)"
+    if h.hexdigest() != entry.sha256:
+        return f"{entry.name}: SHA-256 differs from manifest (corrupt)"
+    return None
+
+
+def verify_backup(repo: Repository, manifest: Manifest, jobs: int = 2) -> VerifyReport:
+    report = VerifyReport(manifest.id)
+    if not manifest.checksum_ok:
+        report.problems.append("manifest.json: checksum mismatch (manifest damaged)")
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for problem in pool.map(lambda e: verify_object(repo, manifest.id, e), manifest.objects):
+            report.checked += 1
+            if problem:
+                report.problems.append(problem)
+    return report

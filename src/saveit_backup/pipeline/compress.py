@@ -1,0 +1,108 @@
+"""Streaming compression codecs: zstd (default), lz4, gzip, none.
+
+A codec is named in every object header; readers pick the decompressor from
+that name, never from today's configuration.  All codecs release the GIL.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
+
+from saveit_backup.errors import ConfigError, IntegrityError
+
+CODECS = ("zstd", "lz4", "gzip", "none")
+DEFAULT_LEVELS = {"zstd": 3, "lz4": 0, "gzip": 6, "none": 0}
+
+
+class _Stream(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+
+
+def check_codec(name: str) -> str:
+    if name not in CODECS:
+        raise ConfigError(f"unknown compression {name!r}", hint=f"choose one of {', '.join(CODECS)}")
+    return name
+
+
+def compress_stream(chunks: Iterable[bytes], codec: str, level: int | None = None, threads: int = 0) -> Iterator[bytes]:
+    """Compress ``chunks``; ``threads`` > 0 lets zstd use worker threads."""
+    lvl = DEFAULT_LEVELS[check_codec(codec)] if level is None else level
+    if codec == "none":
+        yield from chunks
+        return
+    comp: _Stream
+    flush: Callable[[], bytes]
+    if codec == "zstd":
+        import zstandard
+
+        zc = zstandard.ZstdCompressor(level=lvl, threads=threads).compressobj(size=-1)
+        comp, flush = zc, zc.flush
+    elif codec == "lz4":
+        import lz4.frame
+
+        lz = lz4.frame.LZ4FrameCompressor(compression_level=lvl)
+        first = lz.begin()
+        if first:
+            yield first
+        for chunk in chunks:
+            out = lz.compress(chunk)
+            if out:
+                yield out
+        yield lz.flush()
+        return
+    else:
+        gz = zlib.compressobj(lvl, zlib.DEFLATED, 31)  # 31: real gzip framing
+        comp, flush = gz, gz.flush
+    for chunk in chunks:
+        out = comp.compress(chunk)
+        if out:
+            yield out
+    tail = flush()
+    if tail:
+        yield tail
+
+
+def decompress_stream(chunks: Iterable[bytes], codec: str) -> Iterator[bytes]:
+    if codec == "none":
+        yield from chunks
+        return
+    try:
+        if codec == "zstd":
+            import zstandard
+
+            zd = zstandard.ZstdDecompressor().decompressobj()
+            for chunk in chunks:
+                out = zd.decompress(chunk)
+                if out:
+                    yield out
+            if not zd.eof:
+                raise IntegrityError("compressed stream is truncated (zstd frame incomplete)")
+        elif codec == "lz4":
+            import lz4.frame
+
+            ld = lz4.frame.LZ4FrameDecompressor()
+            for chunk in chunks:
+                out = ld.decompress(chunk)
+                if out:
+                    yield out
+            if not ld.eof:
+                raise IntegrityError("compressed stream is truncated (lz4 frame incomplete)")
+        elif codec == "gzip":
+            gd = zlib.decompressobj(31)
+            for chunk in chunks:
+                out = gd.decompress(chunk)
+                if out:
+                    yield out
+            tail = gd.flush()
+            if tail:
+                yield tail
+            if not gd.eof:
+                raise IntegrityError("compressed stream is truncated (gzip member incomplete)")
+        else:
+            raise IntegrityError(f"object uses unknown compression {codec!r}", hint="upgrade saveit-backup")
+    except IntegrityError:
+        raise
+    except Exception as exc:  # codec libraries raise their own error types
+        raise IntegrityError(f"corrupt {codec} stream: {exc}") from exc

@@ -1,0 +1,149 @@
+"""Self-describing stored objects and the pipelines that make and read them.
+
+Layout (docs/format.md, "Object envelope"):
+
+    b"SVB" + version byte (1) | header length, uint32 big-endian | header JSON | body
+
+The header names the codec and cipher (and the wrapped data keys); the body is
+the compressed stream, sealed in AES-256-GCM frames when encrypted.  ``encode``
+hashes and sizes the *plain* bytes as they pass (observers never change bytes);
+``decode`` builds the inverse pipeline from the header alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from saveit_backup.errors import EncryptionConfigError, IntegrityError, RepositoryFormatError
+from saveit_backup.pipeline.compress import check_codec, compress_stream, decompress_stream
+from saveit_backup.pipeline.crypto import FRAME_SIZE, Keyring, decrypt_frames, encrypt_frames
+
+MAGIC = b"SVB"
+ENVELOPE_VERSION = 1
+_PREFIX = struct.Struct(">3sBI")
+MAX_HEADER = 1 << 20
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    codec: str = "zstd"
+    level: int | None = None
+    threads: int = 0
+    encrypt: bool = False
+
+
+@dataclass
+class Digest:
+    """Filled while the stream passes; read after the stream is exhausted."""
+
+    plain_size: int = 0
+    plain_sha256: str = ""
+    stored_size: int = 0
+    codec: str = ""
+    cipher: str = ""
+
+
+def _observe(chunks: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
+    h = hashlib.sha256()
+    size = 0
+    for chunk in chunks:
+        h.update(chunk)
+        size += len(chunk)
+        yield chunk
+    digest.plain_size = size
+    digest.plain_sha256 = h.hexdigest()
+
+
+def _count(chunks: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
+    for chunk in chunks:
+        digest.stored_size += len(chunk)
+        yield chunk
+
+
+def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | None, digest: Digest) -> Iterator[bytes]:
+    """plain chunks -> (hash, size) -> compress -> encrypt -> envelope bytes."""
+    header: dict[str, Any] = {"codec": check_codec(options.codec), "cipher": "none"}
+    data_key = b""
+    if options.encrypt:
+        if keyring is None or not keyring.can_write_encrypted:
+            raise EncryptionConfigError("the repository requires encryption but no passphrase or recipient is configured")
+        data_key = os.urandom(32)
+        header.update(cipher="aes-256-gcm", frame=FRAME_SIZE, slots=keyring.wrap(data_key))
+    header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    digest.codec, digest.cipher = header["codec"], header["cipher"]
+
+    def body() -> Iterator[bytes]:
+        yield _PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(header_bytes)) + header_bytes
+        stream = compress_stream(_observe(chunks, digest), options.codec, options.level, options.threads)
+        if options.encrypt:
+            stream = encrypt_frames(stream, data_key, header_bytes)
+        yield from stream
+
+    return _count(body(), digest)
+
+
+class _Reader:
+    """Pull exact byte counts out of a chunk iterator."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._it = iter(chunks)
+        self._buf = b""
+
+    def take(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            try:
+                self._buf += next(self._it)
+            except StopIteration:
+                break
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def rest(self) -> Iterator[bytes]:
+        if self._buf:
+            yield self._buf
+            self._buf = b""
+        yield from self._it
+
+
+def read_header(reader: _Reader, what: str) -> tuple[dict[str, Any], bytes]:
+    prefix = reader.take(_PREFIX.size)
+    if len(prefix) < _PREFIX.size:
+        raise IntegrityError(f"{what}: object is truncated (no header)")
+    magic, version, length = _PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise IntegrityError(f"{what}: not a saveit-backup object (bad magic)")
+    if version != ENVELOPE_VERSION:
+        raise RepositoryFormatError(f"{what}: object envelope version {version} is not supported (this build reads {ENVELOPE_VERSION})")
+    if length > MAX_HEADER:
+        raise IntegrityError(f"{what}: object header length {length} is implausible")
+    header_bytes = reader.take(length)
+    try:
+        header = json.loads(header_bytes)
+    except ValueError as exc:
+        raise IntegrityError(f"{what}: object header is not valid JSON") from exc
+    return header, header_bytes
+
+
+def decode(chunks: Iterable[bytes], keyring: Keyring | None, what: str = "object") -> Iterator[bytes]:
+    """Inverse of ``encode``, built from the object's own header."""
+    reader = _Reader(chunks)
+    header, header_bytes = read_header(reader, what)
+    cipher = header.get("cipher")
+    body = reader.rest()
+    if cipher == "aes-256-gcm":
+        key = (keyring or Keyring()).unwrap(header.get("slots", []), what)
+        body = decrypt_frames(body, key, header_bytes, what, int(header.get("frame", FRAME_SIZE)))
+    elif cipher != "none":
+        raise RepositoryFormatError(f"{what}: unsupported cipher {cipher!r}")
+    return decompress_stream(body, str(header.get("codec")))
+
+
+def describe(chunks: Iterable[bytes], what: str = "object") -> dict[str, Any]:
+    """The header of an object (for show/verify), without reading the body."""
+    return read_header(_Reader(chunks), what)[0]

@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pgdata", help="data directory (local physical mode)")
     b.add_argument("--remote", action="store_true", help="physical backup over the replication protocol")
     b.add_argument("--jobs", "-j", type=int, help="parallel workers")
+    b.add_argument("--dbname", "-d", dest="sub_dbname", help="database connection (same as the global --dbname)")
     b.set_defaults(handler=cmd_backup)
 
     ls = sub.add_parser("list", help="list backups")
@@ -348,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from saveit_backup import config
         from saveit_backup.compose import Context
 
-        cli_values = {"repository": args.repo, "dbname": args.dbname, "log_format": args.log_format,
+        cli_values = {"repository": args.repo, "dbname": getattr(args, "sub_dbname", None) or args.dbname, "log_format": args.log_format,
                       "jobs": getattr(args, "jobs", None), "pgdata": getattr(args, "pgdata", None)}
         settings = config.load(cli_values, config_file=args.config)
         _setup_logging(args, settings.log_format)

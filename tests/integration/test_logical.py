@@ -129,10 +129,15 @@ def test_sigkill_mid_backup_leaves_nothing_visible(runbook_db: Database, repo_di
     from tests.fixtures.pg import CLI
 
     proc = subprocess.Popen([CLI, "backup"], env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def writing_data() -> bool:
+        try:
+            return any(p.name.endswith(".tmp-saveit") and p.stat().st_size > 1 << 20 for p in (repo_dir / "backups").rglob("*"))
+        except FileNotFoundError:
+            return False
+
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # wait until data objects are being written
-        if any(p.name.endswith(".tmp-saveit") or p.name == "database.dump" for p in repo_dir.rglob("*")):
-            break
+    while not writing_data():  # wait until the dump is being written
+        assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -142,5 +147,5 @@ def test_sigkill_mid_backup_leaves_nothing_visible(runbook_db: Database, repo_di
     assert len(json.loads(cli("--json", "list").stdout)["backups"]) == 1
     expired = json.loads(cli("--json", "expire").stdout)
     assert expired["uncommitted"] and not expired["delete"]
-    leftovers = [p for p in repo_dir.rglob("*") if p.is_file() and p.name.endswith(".tmp-saveit")]
-    assert leftovers == [] or all("backups" in str(p) for p in leftovers)
+    assert [p for p in repo_dir.rglob("*") if p.is_file() and p.name.endswith(".tmp-saveit")] == []
+    assert len(json.loads(cli("--json", "list").stdout)["backups"]) == 1

@@ -163,12 +163,12 @@ class Repository:
         """(committed, uncommitted) backup IDs, oldest first."""
         committed: set[str] = set()
         seen: set[str] = set()
-        for info in self.storage.list(layout.BACKUPS):
+        for info in self.storage.list(layout.BACKUPS, hidden=True):
             parts = info.key[len(layout.BACKUPS) :].split("/")
             if len(parts) < 2:
                 continue
             seen.add(parts[0])
-            if parts[1] == "manifest.json" and len(parts) == 2:
+            if parts[1] == "manifest.json" and len(parts) == 2:  # the committed manifest, not its temporary
                 committed.add(parts[0])
         return sorted(committed), sorted(seen - committed)
 
@@ -189,7 +189,7 @@ class Repository:
         self.delete_uncommitted(backup_id)
 
     def delete_uncommitted(self, backup_id: str) -> None:
-        for info in list(self.storage.list(layout.backup_prefix(backup_id))):
+        for info in list(self.storage.list(layout.backup_prefix(backup_id), hidden=True)):
             self.storage.delete(info.key)
 
     # --- lock --------------------------------------------------------------------------

@@ -9,7 +9,9 @@ Five operations on flat keys ("a/b/c", no leading slash):
 * ``open(key, offset=0, length=None)``: iterate the bytes of an object (or a
   range of it) in chunks.  Missing key raises ``NotFound``.
 * ``stat(key)``: ``ObjectInfo`` or ``NotFound``.
-* ``list(prefix)``: every object whose key starts with ``prefix``, in key order.
+* ``list(prefix, hidden=False)``: every object whose key starts with ``prefix``, in
+  key order.  ``hidden=True`` also lists the temporaries of writes in progress (or
+  of crashed writers: names ending ``.tmp-saveit``), so cleanup can delete them.
 * ``delete(key)``: remove; deleting a missing key is not an error.
 
 Backends only classify errors into the ``errors`` storage tree (NotFound,
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 CHUNK_SIZE = 1 << 20
+TMP_SUFFIX = ".tmp-saveit"  # temporaries of writes in progress; invisible unless listed with hidden=True
 
 Data = bytes | Iterable[bytes]
 
@@ -55,7 +58,7 @@ class Storage(Protocol):
 
     def stat(self, key: str) -> ObjectInfo: ...
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+    def list(self, prefix: str = "", *, hidden: bool = False) -> Iterator[ObjectInfo]: ...
 
     def delete(self, key: str) -> None: ...
 

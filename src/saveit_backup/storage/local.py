@@ -16,9 +16,9 @@ from saveit_backup.errors import (
     PermanentStorageError,
     StorageError,
 )
-from saveit_backup.storage.base import CHUNK_SIZE, Capabilities, Data, ObjectInfo, check_key, iter_chunks
+from saveit_backup.storage.base import CHUNK_SIZE, TMP_SUFFIX, Capabilities, Data, ObjectInfo, check_key, iter_chunks
 
-_TMP_SUFFIX = ".tmp-saveit"
+_TMP_SUFFIX = TMP_SUFFIX
 
 
 def classify_os_error(exc: OSError, what: str) -> StorageError:
@@ -108,7 +108,7 @@ class LocalStorage:
             raise classify_os_error(exc, f"stat {key} in {self.root}") from exc
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, hidden: bool = False) -> Iterator[ObjectInfo]:
         # Walk only the directory that can contain the prefix.
         base_dir = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not base_dir.is_dir():
@@ -117,7 +117,7 @@ class LocalStorage:
         try:
             for dirpath, _dirs, files in os.walk(base_dir):
                 for name in files:
-                    if name.endswith(_TMP_SUFFIX):
+                    if name.endswith(_TMP_SUFFIX) and not hidden:
                         continue
                     full = Path(dirpath) / name
                     key = full.relative_to(self.root).as_posix()

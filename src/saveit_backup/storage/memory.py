@@ -40,7 +40,7 @@ class MemoryStorage:
             raise NotFound(f"object {key} not found")
         return ObjectInfo(key, len(found[0]), found[1])
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, hidden: bool = False) -> Iterator[ObjectInfo]:
         with self._lock:
             items = sorted((k, v) for k, v in self._objects.items() if k.startswith(prefix))
         return iter([ObjectInfo(k, len(v[0]), v[1]) for k, v in items])

@@ -1,0 +1,76 @@
+"""Configuration: precedence, the runbook's names, masking, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from saveit_backup import config
+from saveit_backup.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("env", "expected_url"),
+    [
+        ({}, None),  # embedded default: a local directory
+        ({"BACKUP_S3_BUCKET": "saveit-backups"}, "s3://saveit-backups/"),
+        ({"BACKUP_S3_BUCKET": "saveit-backups", "BACKUP_S3_PREFIX": "database/"}, "s3://saveit-backups/database"),
+        ({"BACKUP_REPOSITORY": "file:///srv/backups", "BACKUP_S3_BUCKET": "ignored"}, "file:///srv/backups"),
+        ({"BACKUP_REPOSITORY": "s3://b/p"}, "s3://b/p"),
+    ],
+)
+def test_repository_url(env: dict[str, str], expected_url: str | None) -> None:
+    settings = config.load(environ=env)
+    if expected_url is None:
+        assert settings.repository_url.startswith("file://") and settings.repository_url.endswith("saveit-backup/repository")
+    else:
+        assert settings.repository_url == expected_url
+
+
+def test_runbook_names_and_defaults() -> None:
+    s = config.load(environ={"BACKUP_ENABLED": "false", "BACKUP_RETENTION_DAYS": "14", "AWS_ACCESS_KEY_ID": "AKIA",
+                             "AWS_SECRET_ACCESS_KEY": "sekret", "AWS_DEFAULT_REGION": "eu-west-1"})
+    assert s.enabled is False and s.retention_days == 14 and s.aws_region == "eu-west-1"
+    assert s.incremental_retention_days == 7 and s.wal_retention_days == 7
+    assert s.schedule_full == "0 2 * * *" and s.schedule_incremental == "0 * * * *"
+    assert s.rpo_seconds == 3600 and s.rto_seconds == 1800
+
+
+def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
+    f = tmp_path / "saveit.toml"
+    f.write_text('retention_days = 10\ncompression = "lz4"\njobs = 3\nencryption_recipients = ["saveit-pub-a"]\n')
+    s = config.load({"jobs": 5}, environ={"BACKUP_RETENTION_DAYS": "20"}, config_file=str(f))
+    assert (s.retention_days, s.compression, s.jobs) == (20, "lz4", 5)
+    assert s.sources["retention_days"] == "env BACKUP_RETENTION_DAYS"
+    assert s.sources["compression"] == f"file {f}" and s.sources["jobs"] == "command line"
+    assert s.encryption_recipients == ["saveit-pub-a"]
+
+
+def test_secrets_masked() -> None:
+    s = config.load(environ={"BACKUP_ENCRYPTION_PASSPHRASE": "p4ss", "AWS_SECRET_ACCESS_KEY": "k3y"})
+    text = repr(s.shown())
+    assert "p4ss" not in text and "k3y" not in text and "****" in text
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"BACKUP_RETENTION_DAYS": "thirty"}, "BACKUP_RETENTION_DAYS"),
+        ({"BACKUP_ENABLED": "maybe"}, "BACKUP_ENABLED"),
+        ({"BACKUP_COMPRESSION": "brotli"}, "unknown compression"),
+        ({"BACKUP_RETENTION_DAYS": "0"}, "at least 1 day"),
+        ({"BACKUP_ENCRYPTION_PASSPHRASE": "x", "BACKUP_JOBS": "many"}, "BACKUP_JOBS"),
+    ],
+)
+def test_bad_values_are_clear_errors(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(environ=env)
+    assert fragment in str(info.value) and info.value.exit_status == 2
+
+
+def test_unknown_file_key_refused(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("retention_dayz = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'retention_dayz'"):
+        config.load(environ={}, config_file=str(f))

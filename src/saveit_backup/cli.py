@@ -186,6 +186,13 @@ def cmd_expire(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def cmd_pin(args: argparse.Namespace, ctx: Context) -> int:
+    ctx.repo.load_config()
+    ctx.repo.pin(args.id, args.pinned)
+    _emit(args, {"backup": args.id, "pinned": args.pinned}, f"{'pinned' if args.pinned else 'unpinned'} {args.id}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace, ctx: Context) -> int:
     from saveit_backup.ops.logical_restore import export_backup
 
@@ -293,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--keep-monthly", type=int)
     e.set_defaults(handler=cmd_expire)
 
+    for name, pinned in (("pin", True), ("unpin", False)):
+        pp = sub.add_parser(name, help="keep a backup forever" if pinned else "let retention decide again")
+        pp.add_argument("id", help="backup ID")
+        pp.set_defaults(handler=cmd_pin, pinned=pinned)
+
     x = sub.add_parser("export", help="write a backup as a file standard tools read")
     x.add_argument("id", help="backup ID or 'latest'")
     x.add_argument("file")
@@ -344,6 +356,11 @@ def _setup_logging(args: argparse.Namespace, fmt: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw and raw[0] in ("wal-push", "wal-fetch"):  # archive/restore_command: skip the full parser (cold start)
+        from saveit_backup.cli_wal import fast_main
+
+        return fast_main(raw)
     args = build_parser().parse_args(argv)
     try:
         from saveit_backup import config

@@ -57,6 +57,7 @@ FIELDS: tuple[Field, ...] = (
     _f("dbname", "DATABASE_URL", str, "", "database to back up (DSN or URL; PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE also apply)"),
     _f("pg_bindir", "BACKUP_PG_BINDIR", str, "", "directory of pg_dump/pg_restore (default: newest installed)"),
     _f("pgdata", "BACKUP_PGDATA", str, "", "data directory for local physical backups"),
+    _f("physical_mode", "BACKUP_PHYSICAL_MODE", str, "", "full/incr: local, remote, or empty (local with BACKUP_PGDATA, else logical)"),
     _f("schedule_full", "BACKUP_SCHEDULE_FULL", str, "0 2 * * *", "cron (UTC) for full backups; empty disables"),
     _f("schedule_incremental", "BACKUP_SCHEDULE_INCREMENTAL", str, "0 * * * *", "cron (UTC) for incremental backups"),
     _f("schedule_logical", "BACKUP_SCHEDULE_LOGICAL", str, "", "cron (UTC) for logical backups"),
@@ -177,5 +178,7 @@ def _validate(s: Settings) -> None:
     for name in ("retention_days", "incremental_retention_days", "wal_retention_days"):
         if s.values[name] < 1:
             raise ConfigError(f"{BY_NAME[name].env[0]} must be at least 1 day")
+    if s.physical_mode not in ("", "local", "remote"):
+        raise ConfigError("BACKUP_PHYSICAL_MODE must be local, remote or empty")
     if s.log_format not in ("text", "json"):
         raise ConfigError("BACKUP_LOG_FORMAT must be text or json")

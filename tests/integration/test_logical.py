@@ -149,3 +149,38 @@ def test_sigkill_mid_backup_leaves_nothing_visible(runbook_db: Database, repo_di
     assert expired["uncommitted"] and not expired["delete"]
     assert [p for p in repo_dir.rglob("*") if p.is_file() and p.name.endswith(".tmp-saveit")] == []
     assert len(json.loads(cli("--json", "list").stdout)["backups"]) == 1
+
+
+def test_expire_by_age_and_count_keeps_newest_and_pinned(database: Database, repo_dir: Path) -> None:
+    database.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 100) g")
+    cli = cli_for(database, f"file://{repo_dir}")
+    ids = []
+    for _ in range(3):
+        ids.append(json.loads(cli("--json", "backup").stdout)["id"])
+        time.sleep(1.1)
+    # Age every backup by 40 days: rewrite the committed manifests' times as an old repository would hold them.
+    from saveit_backup.domain.manifest import Manifest, iso, parse_iso
+
+    for bid in ids:
+        path = repo_dir / "backups" / bid / "manifest.json"
+        m = Manifest.from_dict(json.loads(path.read_text()))
+        from datetime import timedelta
+
+        m.started = iso(parse_iso(m.started) - timedelta(days=40))
+        m.finished = iso(parse_iso(m.finished) - timedelta(days=40))
+        path.chmod(0o600)
+        path.write_bytes(m.to_json())
+    cli("pin", ids[0])
+    plan = json.loads(cli("--json", "expire", "--dry-run").stdout)
+    reasons = {d["id"]: d["reason"] for d in plan["keep"]}
+    assert [d["id"] for d in plan["delete"]] == [ids[1]]
+    assert "pinned" in reasons[ids[0]] and "newest" in reasons[ids[2]]
+    assert len(json.loads(cli("--json", "list").stdout)["backups"]) == 3  # dry run deleted nothing
+    out = cli("expire")
+    assert f"deleted {ids[1]}" in out.stdout and "30" in out.stdout
+    assert [b["id"] for b in json.loads(cli("--json", "list").stdout)["backups"]] == [ids[0], ids[2]]
+    assert not (repo_dir / "backups" / ids[1]).exists()
+    # Count-based retention keeps the N newest whatever their age.
+    cli("unpin", ids[0])
+    plan = json.loads(cli("--json", "expire", "--dry-run", env={"BACKUP_RETENTION_COUNT": "2"}).stdout)
+    assert plan["delete"] == []

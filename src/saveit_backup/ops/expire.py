@@ -1,4 +1,4 @@
-"""Apply retention: plan with the pure planner, then delete (manifest first)."""
+"""Apply retention: plan with the pure planner, then delete (manifest first, then WAL)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 from saveit_backup.compose import Context
 from saveit_backup.domain.manifest import utcnow
-from saveit_backup.domain.retention import BackupRecord, RetentionPolicy, plan
+from saveit_backup.domain.retention import BackupRecord, RetentionPolicy, WalRecord, plan
+from saveit_backup.repo import layout
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +28,25 @@ def run_expire(ctx: Context, dry_run: bool, keep_daily: int | None = None, keep_
     repo.load_config()
     with repo.lock("expire"):
         manifests = repo.manifests()
-        pinned = repo.pinned_ids() if hasattr(repo, "pinned_ids") else set()
+        pinned = repo.pinned_ids()
         records = [
-            BackupRecord(id=m.id, kind=m.type, started=m.started_at, finished=m.finished_at, good=m.checksum_ok,  # type: ignore[arg-type]
-                         parent_id=m.parent, pinned=m.id in pinned, start_wal=m.physical.get("start_wal"),
-                         stop_wal=m.physical.get("stop_wal"), timeline=m.physical.get("timeline"))
+            BackupRecord(id=m.id, kind=m.type, started=m.started_at, finished=m.finished_at,  # type: ignore[arg-type]
+                         good=m.checksum_ok, parent_id=m.parent, pinned=m.id in pinned,
+                         start_wal=m.physical.get("start_wal"), stop_wal=m.physical.get("stop_wal"),
+                         timeline=m.physical.get("timeline"))
             for m in manifests
         ]
-        result = plan(records, policy_from(ctx, keep_daily, keep_weekly, keep_monthly), utcnow())
+        wal_keys = {info.key.rsplit("/", 1)[1]: info.key for info in repo.storage.list(layout.WAL)}
+        result = plan(records, policy_from(ctx, keep_daily, keep_weekly, keep_monthly), utcnow(),
+                      [WalRecord(name) for name in wal_keys])
         uncommitted = repo.backup_ids()[1]
         out: dict[str, Any] = {
             "dry_run": dry_run,
             "delete": [{"id": i, "reason": r} for i, r in result.delete],
             "keep": [{"id": i, "reason": r} for i, r in result.keep],
             "uncommitted": uncommitted,
+            "wal_deleted": len(result.wal_delete),
+            "wal_reasons": {str(k): v for k, v in result.wal_reasons.items()},
         }
         if not dry_run:
             for backup_id, reason in result.delete:
@@ -49,4 +55,8 @@ def run_expire(ctx: Context, dry_run: bool, keep_daily: int | None = None, keep_
             for backup_id in uncommitted:
                 log.info("expire: deleting uncommitted leftovers of %s", backup_id)
                 repo.delete_uncommitted(backup_id)
+            for name in result.wal_delete:
+                repo.storage.delete(wal_keys[name])
+            if result.wal_delete:
+                log.info("expire: deleted %d WAL file(s) older than the point-in-time window", len(result.wal_delete))
         return out

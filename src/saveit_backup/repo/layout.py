@@ -6,6 +6,11 @@ CONFIG = "config.json"
 LOCK = "locks/repository.lock"
 BACKUPS = "backups/"
 WAL = "wal/"
+PINS = "pins/"
+
+
+def pin_key(backup_id: str) -> str:
+    return f"{PINS}{backup_id}"
 
 
 def backup_prefix(backup_id: str) -> str:

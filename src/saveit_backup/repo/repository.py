@@ -183,10 +183,22 @@ class Repository:
             return found[-1]
         return self.load_manifest(ref)
 
+    def pinned_ids(self) -> set[str]:
+        return {info.key[len(layout.PINS) :] for info in self.storage.list(layout.PINS)}
+
+    def pin(self, backup_id: str, pinned: bool) -> None:
+        """A pinned backup is kept by retention whatever its age (docs/format.md, pins/)."""
+        self.load_manifest(backup_id)  # BackupNotFound for a typo
+        if pinned:
+            self.storage.put(layout.pin_key(backup_id), json.dumps({"pinned": iso(utcnow())}).encode())
+        else:
+            self.storage.delete(layout.pin_key(backup_id))
+
     def delete_backup(self, backup_id: str) -> None:
         """Manifest first: from then on the backup is uncommitted, never half-visible."""
         self.storage.delete(layout.manifest_key(backup_id))
         self.delete_uncommitted(backup_id)
+        self.storage.delete(layout.pin_key(backup_id))
 
     def delete_uncommitted(self, backup_id: str) -> None:
         for info in list(self.storage.list(layout.backup_prefix(backup_id), hidden=True)):

@@ -151,13 +151,16 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> int:
 
     req = RestoreRequest(args.id, args.target_db, args.table or (), args.schema or (), args.create, args.clean,
                          args.jobs or ctx.settings.jobs, args.no_fallback, args.database, args.no_owner,
-                         args.allow_environment_mismatch)
+                         args.allow_environment_mismatch, not args.no_snapshot)
     report = restore_logical(ctx, req, _progress(args))
     rows = [{"table": t.table, "backup_rows": t.expected, "restored_rows": t.restored, "ok": t.ok} for t in report.tables]
     if args.json:
-        print(json.dumps({"backup": report.backup_id, "target": report.target, "tables": rows, "ok": report.ok}, indent=1))
+        print(json.dumps({"backup": report.backup_id, "target": report.target, "snapshot": report.snapshot_id, "tables": rows,
+                          "ok": report.ok}, indent=1))
     else:
         print(f"restored backup {report.backup_id} into {report.target}")
+        if report.snapshot_id:
+            print(f"the target's previous state is backup {report.snapshot_id}")
         print(f"{'TABLE':<40} {'BACKUP ROWS':>12} {'RESTORED ROWS':>14}  CHECK")
         for t in report.tables:
             print(f"{t.table:<40} {t.expected:>12} {t.restored if t.restored is not None else '-':>14}  {'ok' if t.ok else 'MISMATCH'}")
@@ -281,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", "-j", type=int, help="parallel pg_restore jobs")
     r.add_argument("--no-fallback", action="store_true", help="with 'latest': fail instead of using an older good backup")
     r.add_argument("--no-owner", action="store_true", help="do not restore ownership and privileges")
+    r.add_argument("--no-snapshot", action="store_true", help="with --clean: skip the backup of the target taken first")
     r.add_argument("--allow-environment-mismatch", action="store_true", help="restore a backup from another BACKUP_ENVIRONMENT")
     for flag in ("--time", "--lsn", "--xid", "--name"):
         r.add_argument(flag, help="point-in-time recovery target (physical)")

@@ -58,6 +58,8 @@ FIELDS: tuple[Field, ...] = (
     _f("pg_bindir", "BACKUP_PG_BINDIR", str, "", "directory of pg_dump/pg_restore (default: newest installed)"),
     _f("pgdata", "BACKUP_PGDATA", str, "", "data directory for local physical backups"),
     _f("physical_mode", "BACKUP_PHYSICAL_MODE", str, "", "full/incr: local, remote, or empty (local with BACKUP_PGDATA, else logical)"),
+    _f("restore_pre_hook", "BACKUP_RESTORE_PRE_HOOK", str, "", "shell command run before a restore (e.g. stop the app)"),
+    _f("restore_post_hook", "BACKUP_RESTORE_POST_HOOK", str, "", "shell command run after a restore, success or not"),
     _f("schedule_full", "BACKUP_SCHEDULE_FULL", str, "0 2 * * *", "cron (UTC) for full backups; empty disables"),
     _f("schedule_incremental", "BACKUP_SCHEDULE_INCREMENTAL", str, "0 * * * *", "cron (UTC) for incremental backups"),
     _f("schedule_logical", "BACKUP_SCHEDULE_LOGICAL", str, "", "cron (UTC) for logical backups"),
@@ -103,6 +105,13 @@ class Settings:
             prefix = str(self.values["s3_prefix"]).strip("/")
             return f"s3://{self.values['s3_bucket']}/{prefix}"
         return default_repository()
+
+    def with_values(self, **overrides: Any) -> Settings:
+        values = dict(self.values)
+        values.update(overrides)
+        sources = dict(self.sources)
+        sources.update({k: "derived" for k in overrides})
+        return Settings(values, sources)
 
     def shown(self) -> list[tuple[str, str, str, str]]:
         """(name, env var, value, source) with secrets masked."""

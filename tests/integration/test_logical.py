@@ -184,3 +184,29 @@ def test_expire_by_age_and_count_keeps_newest_and_pinned(database: Database, rep
     cli("unpin", ids[0])
     plan = json.loads(cli("--json", "expire", "--dry-run", env={"BACKUP_RETENTION_COUNT": "2"}).stdout)
     assert plan["delete"] == []
+
+
+def test_restore_snapshots_target_first_and_runs_hooks(database: Database, repo_dir: Path, tmp_path: Path) -> None:
+    database.sql("CREATE TABLE accounts AS SELECT g AS id, g * 10 AS balance FROM generate_series(1, 1000) g")
+    cli = cli_for(database, f"file://{repo_dir}")
+    good = json.loads(cli("--json", "backup").stdout)["id"]
+    time.sleep(1.1)
+    database.sql("UPDATE accounts SET balance = 0 WHERE id <= 10")  # the mistake the restore undoes
+    marks = tmp_path / "hooks.log"
+    hooks = {"BACKUP_RESTORE_PRE_HOOK": f"echo \"pre $SAVEIT_BACKUP_ID\" >> {marks}",
+             "BACKUP_RESTORE_POST_HOOK": f"echo post >> {marks}"}
+
+    failing = cli("restore", good, "--target-db", database.dsn, "--clean", env={**hooks, "BACKUP_RESTORE_PRE_HOOK": "exit 3"},
+                  check=False)
+    assert failing.returncode == 14 and "pre-restore hook failed" in failing.stderr
+    assert database.sql("SELECT count(*) FROM accounts WHERE balance = 0") == "10"  # untouched
+
+    out = json.loads(cli("--json", "restore", good, "--target-db", database.dsn, "--clean", env=hooks).stdout)
+    assert marks.read_text().split("\n")[:2] == [f"pre {good}", "post"]
+    assert database.sql("SELECT count(*) FROM accounts WHERE balance = 0") == "0"
+    snapshot = out["snapshot"]
+    assert snapshot and snapshot != good
+    # The snapshot holds the state before the restore: restoring it brings the mistake back.
+    other = new_database(database.cluster, "snap")
+    cli("restore", snapshot, "--target-db", other.dsn)
+    assert other.sql("SELECT count(*) FROM accounts WHERE balance = 0") == "10"

@@ -220,7 +220,7 @@ class RestoreReport:
     backup_id: str
     target: str
     tables: list[TableComparison] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    snapshot_id: str | None = None
 
     @property
     def ok(self) -> bool:

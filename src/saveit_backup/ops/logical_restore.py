@@ -46,6 +46,7 @@ class RestoreRequest:
     database: str | None = None  # which database of an --all-databases backup
     no_owner: bool = False
     allow_environment: bool = False
+    snapshot_first: bool = True  # --clean over existing data: take a logical backup of the target first
 
 
 def choose_backup(repo: Repository, ref: str, kind: str, no_fallback: bool, jobs: int) -> Manifest:
@@ -141,7 +142,43 @@ def restore_logical(ctx: Context, req: RestoreRequest, progress: Progress) -> Re
     if existing and not req.clean:
         shown = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
         raise RestoreRefused(f"target {describe_dsn(target)} is not empty ({len(existing)} relations: {shown})")
+    report = RestoreReport(manifest.id, describe_dsn(target))
+    run_hook("pre-restore", ctx.settings.restore_pre_hook, manifest.id, target)
+    try:
+        if existing and req.snapshot_first:
+            report.snapshot_id = _snapshot_target(ctx, target)
+        _pg_restore(ctx, manifest, entry, req, target, progress)
+    finally:
+        run_hook("post-restore", ctx.settings.restore_post_hook, manifest.id, target)
+    _compare_counts(report, expected, target)
+    return report
 
+
+def run_hook(stage: str, command: str, backup_id: str, target: str) -> None:
+    """Maintenance hooks (stop/start the application); a failing pre-hook aborts the restore."""
+    if not command:
+        return
+    env = dict(os.environ, SAVEIT_BACKUP_ID=backup_id, SAVEIT_RESTORE_TARGET=describe_dsn(target), SAVEIT_HOOK=stage)
+    proc = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, check=False)
+    log.info("%s hook exited %d", stage, proc.returncode)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        raise RestoreRefused(f"{stage} hook failed: {tail[0]}", hint="fix the hook (BACKUP_RESTORE_PRE_HOOK / POST_HOOK) or unset it")
+
+
+def _snapshot_target(ctx: Context, target: str) -> str:
+    """Back up what the restore is about to replace; the new backup's ID is reported."""
+    from saveit_backup.ops.logical import Selection, backup_logical
+    from saveit_backup.ops.progress import Progress
+
+    snap_ctx = Context(ctx.settings.with_values(dbname=target, environment=ctx.settings.environment))
+    manifest = backup_logical(snap_ctx, Selection(), Progress(False))
+    print(f"snapshot of the current target taken first: backup {manifest.id}", file=sys.stderr)
+    return manifest.id
+
+
+def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreRequest, target: str, progress: Progress) -> None:
+    repo = ctx.repo
     pg_restore = find_tool("pg_restore", ctx.settings.pg_bindir, manifest.pg_version // 10000)
     base_dsn, pw_env = split_password(target)
     args = [pg_restore, "--exit-on-error", "-d", base_dsn or _target_dbname(target) or "postgres"]
@@ -168,7 +205,8 @@ def restore_logical(ctx: Context, req: RestoreRequest, progress: Progress) -> Re
     else:
         _run(args, env, stream)
 
-    report = RestoreReport(manifest.id, describe_dsn(target))
+
+def _compare_counts(report: RestoreReport, expected: list[Any], target: str) -> None:
     conn = connect(target)
     try:
         from psycopg import sql
@@ -183,7 +221,6 @@ def restore_logical(ctx: Context, req: RestoreRequest, progress: Progress) -> Re
             report.tables.append(TableComparison(t.qualified, t.rows, restored))
     finally:
         conn.close()
-    return report
 
 
 def _run(cmd: list[str], env: dict[str, str], stdin_chunks: Iterable[bytes] | None) -> None:

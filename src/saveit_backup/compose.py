@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from saveit_backup.config import Settings
 from saveit_backup.pipeline.crypto import Identity, Keyring, parse_public_key
@@ -11,8 +12,11 @@ from saveit_backup.pipeline.envelope import EncodeOptions
 from saveit_backup.repo.repository import Repository
 from saveit_backup.storage.base import Storage
 
+if TYPE_CHECKING:
+    from saveit_backup.storage.s3 import S3Options
 
-def s3_options(settings: Settings) -> object:
+
+def s3_options(settings: Settings) -> S3Options:
     from saveit_backup.storage.s3 import S3Options
 
     endpoint = settings.aws_endpoint_url or None
@@ -33,7 +37,7 @@ def build_storage(settings: Settings) -> Storage:
 
     url = settings.repository_url
     s3 = s3_options(settings) if url.startswith("s3://") else None
-    inner = open_storage(url, s3)  # type: ignore[arg-type]
+    inner = open_storage(url, s3)
     return RetryingStorage(LimitedStorage(inner, max(4, settings.jobs * 2)))
 
 

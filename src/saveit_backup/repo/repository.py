@@ -142,7 +142,7 @@ class Repository:
         self.storage.put(key, encode(chunks, options or self.write_options(), self.keyring, digest), if_absent=True)
         return digest
 
-    def read_object(self, key: str, offset: int = 0) -> Iterator[bytes]:
+    def read_object(self, key: str) -> Iterator[bytes]:
         return decode(self.storage.open(key), self.keyring, what=key)
 
     # --- manifests -------------------------------------------------------------------

@@ -8,7 +8,6 @@ Secrets are masked in ``config show`` and never logged.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +152,8 @@ def load(cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None
     sources = {f.name: "default" for f in FIELDS}
     path = config_file or env.get("BACKUP_CONFIG")
     if path:
+        import tomllib
+
         try:
             data = tomllib.loads(Path(path).read_text())
         except OSError as exc:

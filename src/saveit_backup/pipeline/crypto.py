@@ -127,6 +127,10 @@ class Keyring:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
+    def can_read(self) -> bool:
+        return bool(self.passphrase or self.identities)
+
+    @property
     def can_write_encrypted(self) -> bool:
         return bool(self.passphrase or self.recipients)
 

@@ -36,6 +36,7 @@ class EncodeOptions:
     level: int | None = None
     threads: int = 0
     encrypt: bool = False
+    hash: bool = True  # False: skip the SHA-256 observer (callers that know or do not need the digest)
 
 
 @dataclass
@@ -49,15 +50,16 @@ class Digest:
     cipher: str = ""
 
 
-def _observe(chunks: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
-    h = hashlib.sha256()
+def _observe(chunks: Iterable[bytes], digest: Digest, hashing: bool) -> Iterator[bytes]:
+    h = hashlib.sha256() if hashing else None
     size = 0
     for chunk in chunks:
-        h.update(chunk)
+        if h is not None:
+            h.update(chunk)
         size += len(chunk)
         yield chunk
     digest.plain_size = size
-    digest.plain_sha256 = h.hexdigest()
+    digest.plain_sha256 = h.hexdigest() if h is not None else digest.plain_sha256
 
 
 def _count(chunks: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
@@ -66,9 +68,18 @@ def _count(chunks: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
         yield chunk
 
 
-def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | None, digest: Digest) -> Iterator[bytes]:
-    """plain chunks -> (hash, size) -> compress -> encrypt -> envelope bytes."""
+def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | None, digest: Digest,
+           plain_sha256: str | None = None) -> Iterator[bytes]:
+    """plain chunks -> (hash, size) -> compress -> encrypt -> envelope bytes.
+
+    ``plain_sha256``, when the caller knows it up front, is written into the
+    header (authenticated with the body) so the object can be compared without
+    decrypting it, e.g. by a host that holds only public keys.
+    """
     header: dict[str, Any] = {"codec": check_codec(options.codec), "cipher": "none"}
+    if plain_sha256:
+        header["sha256"] = plain_sha256
+        digest.plain_sha256 = plain_sha256
     data_key = b""
     if options.encrypt:
         if keyring is None or not keyring.can_write_encrypted:
@@ -80,7 +91,8 @@ def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | N
 
     def body() -> Iterator[bytes]:
         yield _PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(header_bytes)) + header_bytes
-        stream = compress_stream(_observe(chunks, digest), options.codec, options.level, options.threads)
+        stream = compress_stream(_observe(chunks, digest, options.hash and not plain_sha256), options.codec, options.level,
+                                 options.threads)
         if options.encrypt:
             stream = encrypt_frames(stream, data_key, header_bytes)
         yield from stream

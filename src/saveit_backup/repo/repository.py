@@ -8,7 +8,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,6 +94,8 @@ class Repository:
                 return existing
             raise AlreadyExists(f"a repository already exists at {self.storage.capabilities.url}", hint="use it as it is")
         encrypted = self.keyring.can_write_encrypted or bool(self.keyring.identities)
+        import uuid
+
         config = RepoConfig(uuid.uuid4().hex, iso(utcnow()), "aes-256-gcm" if encrypted else "none",
                             os.urandom(16) if encrypted else None)
         try:
@@ -207,6 +208,8 @@ class Repository:
     # --- lock --------------------------------------------------------------------------
     @contextmanager
     def lock(self, command: str, stale_after: float = LOCK_STALE_SECONDS) -> Iterator[None]:
+        import uuid
+
         owner = uuid.uuid4().hex
         started = iso(utcnow())
 

@@ -1,0 +1,182 @@
+"""Push one WAL file into the repository (``archive_command``), idempotently.
+
+Contract (docs/format.md, "WAL segments"):
+
+* a segment's first page header must match its file name (timeline and page
+  address), else ``IntegrityError``; ``.history``, ``.backup`` and ``.partial``
+  files are stored without a header check;
+* the file is stored through the pipeline (compressed, encrypted per the
+  repository config) under ``layout.wal_key(name)``, write-once;
+* if the key already exists, the stored object is decoded and its plain SHA-256
+  compared: equal is success (``PushResult.status == "exists"``), different is
+  ``WalMismatch`` (exit 16).  An archived object is never overwritten.
+
+This module is on the cold-start path of every ``archive_command``: it imports
+only what pushing needs (no psycopg, no full CLI parser).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from saveit_backup.domain.wal import MIN_SEGMENT_SIZE, WalFileKind, check_segment_header, classify_archive_name
+from saveit_backup.errors import AlreadyExists, ConfigError, IntegrityError, SaveitError, WalMismatch
+from saveit_backup.repo import layout
+
+if TYPE_CHECKING:
+    from saveit_backup.config import Settings
+    from saveit_backup.pipeline.envelope import EncodeOptions
+    from saveit_backup.repo.repository import Repository
+
+log = logging.getLogger("saveit_backup.wal")
+
+READ_SIZE = 1 << 20
+# Objects up to this size are encoded in memory and put as bytes, so the storage
+# retry wrapper can replay them; bigger ones (segments of 128 MiB and more) stream.
+BUFFERED_MAX = 64 << 20
+PREFETCH_DIR = ".saveit-prefetch"  # wal_fetch's cache, next to the destination in pg_wal
+PREFETCH_STALE_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    key: str
+    status: str  # "stored" | "exists"
+    plain_size: int
+    stored_size: int
+    seconds: float
+
+
+def open_repo(settings: Settings) -> Repository:
+    """The repository for WAL commands; initialised on first push if missing."""
+    from saveit_backup.compose import Context
+
+    repo = Context(settings).repo
+    repo.ensure(auto_init=True)
+    return repo
+
+
+def wal_name(name: str) -> WalFileKind:
+    """Classify an archive file name; refuse anything that is not a WAL file."""
+    kind = classify_archive_name(name, MIN_SEGMENT_SIZE).kind  # most permissive segment size
+    if kind is WalFileKind.INVALID:
+        raise ConfigError(f"{name!r} is not a WAL file name (segment, .partial, .history or .backup)",
+                          hint="archive_command must pass %p, restore_command %f")
+    return kind
+
+
+def _chunks(fd: int) -> Iterator[bytes]:
+    offset = 0
+    while True:
+        chunk = os.pread(fd, READ_SIZE, offset)
+        if not chunk:
+            return
+        offset += len(chunk)
+        yield chunk
+
+
+def _file_sha256(fd: int) -> str:
+    h = hashlib.sha256()
+    for chunk in _chunks(fd):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def check_file(path: str, name: str, fd: int) -> None:
+    """Segments: the header must name this segment and the size must be the header's segment size."""
+    header = os.pread(fd, 64, 0)
+    try:
+        hdr = check_segment_header(name, header)
+    except ValueError as exc:
+        raise IntegrityError(f"refusing to archive {path}: {exc}",
+                             hint="the content belongs to another segment; never rename WAL files by hand") from None
+    size = os.fstat(fd).st_size
+    if size != hdr.seg_size:
+        raise IntegrityError(f"refusing to archive {path}: {size} bytes, but its header says segments are {hdr.seg_size} bytes",
+                             hint="the segment is truncated or still being written")
+
+
+def push_file(repo: Repository, path: str, options: EncodeOptions | None = None, name: str | None = None) -> PushResult:
+    """Store the WAL file at ``path`` under its name (see the module contract)."""
+    from saveit_backup.pipeline.envelope import Digest, encode
+
+    started = time.monotonic()
+    name = name or os.path.basename(path)
+    kind = wal_name(name)
+    key = layout.wal_key(name)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError(f"cannot read WAL file {path}: {exc.strerror}", hint="archive_command must pass %p") from None
+    try:
+        if kind is WalFileKind.SEGMENT:
+            check_file(path, name, fd)
+        opts = replace(options or repo.write_options(), hash=False)  # the digest is only needed on a name clash
+        # A writer that cannot decrypt (public keys only) records the hash in the header to compare later.
+        known = _file_sha256(fd) if opts.encrypt and not repo.keyring.can_read else None
+        digest = Digest()
+        stream = encode(_chunks(fd), opts, repo.keyring, digest, plain_sha256=known)
+        try:
+            if os.fstat(fd).st_size <= BUFFERED_MAX:
+                repo.storage.put(key, b"".join(stream), if_absent=True)
+            else:
+                repo.storage.put(key, stream, if_absent=True)
+        except AlreadyExists:
+            local = digest.plain_sha256 or _file_sha256(fd)
+            _compare_existing(repo, key, name, local)
+            return PushResult(name, key, "exists", os.fstat(fd).st_size, 0, time.monotonic() - started)
+        return PushResult(name, key, "stored", digest.plain_size, digest.stored_size, time.monotonic() - started)
+    finally:
+        os.close(fd)
+
+
+def _compare_existing(repo: Repository, key: str, name: str, local_sha256: str) -> None:
+    """Already archived: equal plain SHA-256 is success, anything else WalMismatch."""
+    from saveit_backup.pipeline.envelope import describe
+
+    try:
+        stored = describe(repo.storage.open(key), key).get("sha256")
+        if not stored:
+            h = hashlib.sha256()
+            for chunk in repo.read_object(key):
+                h.update(chunk)
+            stored = h.hexdigest()
+    except SaveitError as exc:
+        raise type(exc)(f"{name} is already archived but the stored copy could not be read to compare: {exc.message}",
+                        exc.hint) from exc
+    if stored != local_sha256:
+        raise WalMismatch(f"{name} is already archived with different content (stored sha256 {stored[:16]}..., "
+                          f"local {local_sha256[:16]}...); the archived copy was kept")
+    log.info("%s was already archived with identical content", name)
+
+
+def worker_options(repo: Repository) -> EncodeOptions:
+    """Options for pushing several segments in parallel: one compression thread each."""
+    return replace(repo.write_options(), threads=0)
+
+
+def clean_prefetch(pg_wal: str, max_age: float = PREFETCH_STALE_SECONDS) -> None:
+    """Remove old wal-fetch prefetch files left in pg_wal after recovery ended (best effort)."""
+    cache = os.path.join(pg_wal, PREFETCH_DIR)
+    try:
+        entries = list(os.scandir(cache))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        try:
+            if now - entry.stat().st_mtime > max_age:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+    try:
+        os.rmdir(cache)
+    except OSError:
+        pass

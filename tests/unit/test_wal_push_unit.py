@@ -1,0 +1,91 @@
+"""push_file / fetch / queue limit in-process, on a memory repository and fake segments."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from saveit_backup import config
+from saveit_backup.errors import IntegrityError, WalMismatch, WalNotFound
+from saveit_backup.ops.wal_async import DROPPED, Spool, Worker
+from saveit_backup.ops.wal_fetch import _next_names, fetch
+from saveit_backup.ops.wal_push import push_file
+from saveit_backup.repo.repository import Repository
+from saveit_backup.storage.memory import MemoryStorage
+
+SEG = 16 << 20
+
+
+def segment(directory: Path, segno: int, fill: int = 0, name: str | None = None) -> Path:
+    header = struct.pack("<HHIQI4xQII", 0xD110, 0x0002, 1, segno * SEG, 0, 1, SEG, 8192)
+    path = directory / (name or f"00000001{segno // 256:08X}{segno % 256:08X}")
+    path.write_bytes(header + bytes([fill]) * (SEG - len(header)))
+    return path
+
+
+@pytest.fixture
+def repo() -> Repository:
+    r = Repository(MemoryStorage())
+    r.init()
+    return r
+
+
+def test_push_is_idempotent_and_refuses_other_content(repo: Repository, tmp_path: Path) -> None:
+    seg = segment(tmp_path, 5, fill=1)
+    assert push_file(repo, str(seg)).status == "stored"
+    assert push_file(repo, str(seg)).status == "exists"
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(WalMismatch):
+        push_file(repo, str(segment(other, 5, fill=2)))
+    with pytest.raises(IntegrityError):
+        push_file(repo, str(segment(other, 5, name="000000010000000000000006")))
+
+
+def test_fetch_prefetches_next_segments(repo: Repository, tmp_path: Path) -> None:
+    for n in range(5, 9):
+        push_file(repo, str(segment(tmp_path, n, fill=n)))
+    dest_dir = tmp_path / "pg_wal"
+    dest_dir.mkdir()
+    result = fetch(repo, "000000010000000000000005", str(dest_dir / "RECOVERYXLOG"), prefetch=5)
+    assert result.prefetched == 3
+    assert fetch(repo, "000000010000000000000006", str(dest_dir / "RECOVERYXLOG")).source == "cache"
+    assert (dest_dir / "RECOVERYXLOG").read_bytes() == (tmp_path / "000000010000000000000006").read_bytes()
+    with pytest.raises(WalNotFound):
+        fetch(repo, "000000010000000000000010", str(dest_dir / "RECOVERYXLOG"), prefetch=0)
+
+
+def test_next_names_cross_log_boundary() -> None:
+    assert _next_names("0000000100000000000000FF", 2, SEG) == ["000000010000000100000000", "000000010000000100000001"]
+    assert _next_names("00000002000000000000003F", 1, 64 << 20) == ["000000020000000100000000"]
+
+
+def test_queue_limit_drops_oldest_segments_only(tmp_path: Path) -> None:
+    settings = config.load({"spool_dir": str(tmp_path / "spool"), "archive_queue_max": 2}, environ={})
+    worker = Worker(settings, Spool.for_cluster(settings, str(tmp_path)), str(tmp_path), jobs=1, idle_exit=0)
+    worker.spool.create()
+    pending = {n: "" for n in ["000000010000000000000003", "000000010000000000000004", "00000002.history",
+                               "000000010000000000000005"]}
+    kept = worker._apply_queue_limit(dict(pending), inflight=0)
+    assert sorted(kept) == ["000000010000000000000005", "00000002.history"]
+    assert Path(worker.spool.ok("000000010000000000000003")).read_text() == DROPPED
+    assert worker.spool.dropped_total() == 2
+
+
+def test_recipient_only_writer_compares_by_header_hash(tmp_path: Path) -> None:
+    """A host holding only public keys cannot decrypt what it archived, yet a repeated push is still checked."""
+    from saveit_backup.pipeline.crypto import Keyring, generate_identity, parse_public_key
+
+    _, public = generate_identity()
+    storage = MemoryStorage()
+    writer = Repository(storage, Keyring(recipients=[parse_public_key(public)]))
+    writer.init()
+    seg = segment(tmp_path, 7, fill=3)
+    assert push_file(writer, str(seg)).status == "stored"
+    assert push_file(writer, str(seg)).status == "exists"
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(WalMismatch):
+        push_file(writer, str(segment(other, 7, fill=4)))

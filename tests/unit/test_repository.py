@@ -87,3 +87,12 @@ def test_lock_refuses_second_writer_and_breaks_stale_locks() -> None:
     storage.put(layout.LOCK, json.dumps({**fresh, "heartbeat": time.time() - 3600}).encode())
     with repo.lock("backup"):
         pass
+
+
+def test_new_backup_ids_never_collide() -> None:
+    repo = Repository(MemoryStorage())
+    repo.init()
+    first, _ = repo.new_backup_id("logical")
+    repo.put_object(layout.object_key(first, "x"), [b"1"])  # even an uncommitted backup holds its ID
+    second, _ = repo.new_backup_id("logical")
+    assert second != first and second > first

@@ -12,7 +12,7 @@ from typing import Any
 
 from saveit_backup import __version__
 from saveit_backup.compose import Context
-from saveit_backup.domain.manifest import Manifest, ObjectEntry, TableCount, backup_id, iso, utcnow
+from saveit_backup.domain.manifest import Manifest, ObjectEntry, TableCount, iso, utcnow
 from saveit_backup.errors import PgToolError
 from saveit_backup.ops.progress import Progress
 from saveit_backup.pg.conn import connect, find_tool, server_facts, split_password, tool_env, with_dbname
@@ -125,8 +125,7 @@ def backup_logical(ctx: Context, selection: Selection, progress: Progress) -> Ma
     options = repo.write_options()
     dsn = settings.dbname
     with repo.lock("backup --type logical"):
-        started = utcnow()
-        bid = backup_id("logical", started)
+        bid, started = repo.new_backup_id("logical")
         conn = connect(dsn)
         try:
             facts = server_facts(conn)

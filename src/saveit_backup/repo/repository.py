@@ -11,10 +11,11 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from saveit_backup import __version__
-from saveit_backup.domain.manifest import Manifest, iso, utcnow
+from saveit_backup.domain.manifest import Manifest, backup_id, iso, utcnow
 from saveit_backup.errors import (
     AlreadyExists,
     BackupNotFound,
@@ -183,6 +184,15 @@ class Repository:
                 raise BackupNotFound(f"the repository at {self.storage.capabilities.url} holds no backup")
             return found[-1]
         return self.load_manifest(ref)
+
+    def new_backup_id(self, kind: str) -> tuple[str, datetime]:
+        """A fresh ID (one-second resolution): wait for the next second if this one is taken. Call under the lock."""
+        while True:
+            started = utcnow()
+            bid = backup_id(kind, started)
+            if not any(True for _ in self.storage.list(layout.backup_prefix(bid), hidden=True)):
+                return bid, started
+            time.sleep(1.0 - started.microsecond / 1e6 + 0.01)
 
     def pinned_ids(self) -> set[str]:
         return {info.key[len(layout.PINS) :] for info in self.storage.list(layout.PINS)}

@@ -475,6 +475,8 @@ def test_parse_real_pg15_header() -> None:
         ("0000000200000016000000B3", header(tli=2, pageaddr=0x16B3000000, magic=0xD116, sysid=42), {}, 42),
         ("000000030000001600000002", header(tli=3, pageaddr=0x1680000000, seg_size=1024 * MiB), {}, PG15_SYSID),
         ("00000001000000000000003F", header(pageaddr=0xFC000000, seg_size=64 * MiB), {}, PG15_SYSID),
+        # first segment of timeline 2 after a promotion: a copy of the parent's segment, first page on timeline 1
+        ("000000020000000000000001", PG15_SEG1, {}, PG15_SYSID),
     ],
 )
 def test_check_segment_header_ok(name: str, data: bytes, kwargs: dict[str, int], sysid: int) -> None:
@@ -485,7 +487,7 @@ def test_check_segment_header_ok(name: str, data: bytes, kwargs: dict[str, int],
     ("name", "data", "kwargs", "message"),
     [
         ("000000010000000000000002", PG15_SEG1, {}, r"page address 0/1000000 does not match .* 000000010000000000000001"),
-        ("000000020000000000000001", PG15_SEG1, {}, "header timeline 1 does not match the file name's timeline 2"),
+        ("000000010000000000000001", header(tli=2), {}, "header timeline 2 is newer than the file name's timeline 1"),
         ("000000010000000000000001", PG15_SEG1, {"segsize": 64 * MiB}, "segment size 16777216 does not match"),
         ("000000010000000000000001", PG15_SEG1, {"sysid": 1}, "system identifier"),
         ("000000010000000000000001", PG15_SEG1[:39], {}, "too short"),

@@ -501,8 +501,10 @@ def check_segment_header(
     if sysid is not None and hdr.sysid != sysid:
         raise ValueError(f"WAL segment {name}: system identifier {hdr.sysid} does not match this cluster's {sysid}")
     tli, segno = parse_segment_name(info.segment, hdr.seg_size)
-    if hdr.tli != tli:
-        raise ValueError(f"WAL segment {name}: header timeline {hdr.tli} does not match the file name's timeline {tli}")
+    # After a promotion the first segment of the new timeline is a copy of the parent's segment,
+    # so its first page still carries the parent's (lower) timeline; a higher one never fits.
+    if hdr.tli > tli:
+        raise ValueError(f"WAL segment {name}: header timeline {hdr.tli} is newer than the file name's timeline {tli}")
     expected = Lsn(segno * hdr.seg_size)
     if hdr.pageaddr != expected:
         actual = (

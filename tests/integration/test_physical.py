@@ -1,0 +1,216 @@
+"""Physical backups (local and remote mode) and point-in-time recovery on a real archiving cluster.
+
+One cluster per module: archive_mode=on with ``archive_command = 'BACKUP_CONFIG=cfg <CLI> wal-push %p'``,
+data checksums on, a pgbench database (scale 3).  Marks are taken while no pgbench runs, so the row count
+of pgbench_history at a mark is exact; every recovered cluster must hold exactly that count and satisfy
+pgbench's balance invariant.  Recovered clusters that are only inspected pause at the target (no promotion:
+a promoted copy would archive a new timeline into the shared repository); the timeline test promotes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from saveit_backup.pg.cluster import Cluster, free_port
+from tests.fixtures.pg import CLI, Cli
+
+pytestmark = pytest.mark.pg
+
+SCALE = 3
+
+
+@dataclass
+class Mark:
+    time: str
+    count: int
+    lsn: str
+
+
+@dataclass
+class Env:
+    cluster: Cluster
+    base: Path
+    repo: Path
+    cli: Cli
+    marks: dict[str, Mark]
+    backups: dict[str, str]
+
+
+def pgbench(cluster: Cluster, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([cluster.tool("pgbench"), "-h", cluster.host, "-p", str(cluster.port), *args, "postgres"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def run_pgbench(cluster: Cluster, seconds: int) -> None:
+    proc = pgbench(cluster, "-c", "2", "-T", str(seconds), "-n")
+    _, err = proc.communicate(timeout=seconds + 60)
+    assert proc.returncode == 0, err.decode()
+
+
+def mark(cluster: Cluster) -> Mark:
+    row = cluster.psql("SELECT clock_timestamp(), (SELECT count(*) FROM pgbench_history), pg_current_wal_insert_lsn()").split("|")
+    time.sleep(0.05)  # commits after the mark get a later timestamp
+    return Mark(row[0], int(row[1]), row[2])
+
+
+def wait_archived(cluster: Cluster, timeout: float = 60) -> None:
+    """Switch WAL and wait until the archiver has nothing pending."""
+    cluster.psql("SELECT pg_switch_wal()")
+    status = cluster.datadir / "pg_wal" / "archive_status"
+    deadline = time.monotonic() + timeout
+    while any(n.endswith(".ready") for n in os.listdir(status)):
+        assert time.monotonic() < deadline, cluster.psql("SELECT failed_count, last_failed_wal FROM pg_stat_archiver")
+        time.sleep(0.1)
+
+
+def invariant(cluster: Cluster) -> None:
+    sums = cluster.psql("SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(bbalance) FROM pgbench_branches),"
+                        " (SELECT sum(tbalance) FROM pgbench_tellers), (SELECT coalesce(sum(delta), 0) FROM pgbench_history)")
+    values = sums.split("|")
+    assert len(set(values)) == 1, f"pgbench balances differ: {values}"
+
+
+def recovered(env: Env, restore_out: str) -> Cluster:
+    report = json.loads(restore_out)
+    assert report["started"], report
+    return Cluster(Path(report["target_dir"]), int(report["port"]), env.cluster.bindir, Path(report["socket_dir"]))
+
+
+def restore(env: Env, name: str, *args: str) -> tuple[Cluster, dict[str, object]]:
+    target = env.base / name
+    res = env.cli("--json", "restore", *args, "--target-dir", str(target), "--start")
+    return recovered(env, res.stdout), json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    if os.geteuid() == 0:
+        pytest.fail("run the tests as the postgres OS user")
+    base = tmp_path_factory.mktemp("phys")
+    repo = base / "repo"
+    cfg = base / "saveit.toml"
+    cfg.write_text(f'repository = "file://{repo}"\n')
+    cluster = Cluster(base / "data", free_port(), socket_dir=base)
+    command = f"BACKUP_CONFIG={cfg} {CLI} wal-push %p"
+    cluster.initdb(extra_conf={"archive_mode": "on", "archive_command": f"'{command}'", "checkpoint_timeout": "'30min'"})
+    cluster.start()
+    subprocess.run([cluster.tool("pgbench"), "-h", cluster.host, "-p", str(cluster.port), "-i", "-s", str(SCALE), "-q", "postgres"],
+                   check=True, capture_output=True)
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "AWS_", "PG", "DATABASE_URL"))}
+    cli_env.update(BACKUP_REPOSITORY=f"file://{repo}", PGHOST=cluster.host, PGPORT=str(cluster.port), PGDATABASE="postgres",
+                   BACKUP_PG_BINDIR=cluster.bindir)
+    yield Env(cluster, base, repo, Cli(cli_env), {}, {})
+    for d in [*sorted(base.glob("r_*")), cluster.datadir]:
+        if (d / "postmaster.pid").exists():
+            subprocess.run([cluster.tool("pg_ctl"), "-D", str(d), "-m", "immediate", "stop"], capture_output=True, check=False)
+
+
+def stop(c: Cluster) -> None:
+    subprocess.run([c.tool("pg_ctl"), "-D", str(c.datadir), "-m", "fast", "-w", "stop"], capture_output=True, check=False)
+
+
+def test_local_full_backup_under_load_then_pitr(env: Env) -> None:
+    c = env.cluster
+    load = pgbench(c, "-c", "2", "-T", "6", "-n")  # the backup runs while pgbench writes
+    try:
+        out = json.loads(env.cli("--json", "backup", "--type", "full", "--pgdata", str(c.datadir)).stdout)
+    finally:
+        assert load.wait(timeout=60) == 0
+    env.backups["local"] = out["id"]
+    p = out["physical"]
+    assert out["type"] == "full" and out["id"].endswith("F") and p["mode"] == "local"
+    assert p["data_checksums"] and p["checksums"]["pages_checked"] > 1000 and p["checksums"]["bad_pages"] == 0
+    assert "START WAL LOCATION" in p["backup_label"] and p["wal"][0] == p["start_wal"]
+    files = {f["path"]: f for f in p["files"]}
+    assert "PG_VERSION" in files and "global/pg_control" in files and not any(f.startswith("pg_wal/") for f in files)
+    assert "postmaster.pid" not in files
+    objects = {o["name"] for o in out["objects"]}
+    assert {f"wal/{w}" for w in p["wal"]} <= objects
+    packs = [o for o in objects if o.startswith("p")]
+    assert len(packs) < len(files) / 10  # small files are bundled
+    assert out["stored_bytes"] < out["plain_bytes"]
+
+    env.marks["m1"] = mark(c)
+    run_pgbench(c, 2)
+    c.psql("SELECT pg_create_restore_point('mark2')")
+    env.marks["m2"] = mark(c)
+    run_pgbench(c, 2)
+    env.marks["m3"] = mark(c)
+    run_pgbench(c, 1)
+    wait_archived(c)
+    assert env.marks["m1"].count < env.marks["m2"].count < env.marks["m3"].count
+
+    for name, args in (("m1", ["--time", env.marks["m1"].time]), ("m2", ["--name", "mark2"]), ("m3", ["--lsn", env.marks["m3"].lsn])):
+        r, report = restore(env, f"r_{name}", *args, "--target-action", "pause")
+        try:
+            assert r.psql("SELECT count(*) FROM pgbench_history") == str(env.marks[name].count), (name, report)
+            invariant(r)
+            reached = report["reached"]
+            assert isinstance(reached, dict) and reached["state"] == "paused at the target" and reached["timeline"] == 1
+        finally:
+            stop(r)
+
+    verify = json.loads(env.cli("--json", "verify", "--all", "--wal").stdout)
+    assert all(b["ok"] for b in verify["backups"]) and verify["problems"] == []
+    assert verify["pitr_window"]["earliest"] <= verify["pitr_window"]["latest"]
+
+
+def test_restore_refuses_non_empty_target(env: Env) -> None:
+    target = env.base / "r_busy"
+    target.mkdir()
+    (target / "something").write_text("x")
+    res = env.cli("restore", "--target-dir", str(target), check=False)
+    assert res.returncode == 14 and "not empty" in res.stderr
+    res = env.cli("restore", "--target-dir", str(target), "--force", "--immediate")
+    assert (target / "recovery.signal").exists() and not (target / "something").exists()
+    conf = (target / "postgresql.auto.conf").read_text()
+    assert "wal-fetch --abort-on-error --repo" in conf and "recovery_target = 'immediate'" in conf
+
+
+def test_remote_full_backup(env: Env) -> None:
+    c = env.cluster
+    # No --pgdata and no file access: pg_basebackup over the replication protocol.
+    out = json.loads(env.cli("--json", "backup", "--type", "full", "--remote").stdout)
+    p = out["physical"]
+    assert p["mode"] == "remote" and p["files"] == [] and p["archive"]["content"] in ("tar", "tar.zst")
+    at_backup = c.psql("SELECT count(*) FROM pgbench_history")
+    run_pgbench(c, 1)
+    wait_archived(c)
+    r, _ = restore(env, "r_remote", out["id"], "--immediate", "--target-action", "pause")
+    try:
+        assert r.psql("SELECT count(*) FROM pgbench_history") == at_backup
+        invariant(r)
+    finally:
+        stop(r)
+
+
+def test_timelines_promote_write_and_recover_latest(env: Env) -> None:
+    m2 = env.marks["m2"]
+    # Recover to mark2 and promote: timeline 2, archived into the same repository by the recovered server.
+    r, report = restore(env, "r_tl2", env.backups["local"], "--name", "mark2", "--target-action", "promote")
+    try:
+        reached = report["reached"]
+        assert isinstance(reached, dict) and reached["state"] == "promoted" and reached["timeline"] == 2
+        assert r.psql("SELECT count(*) FROM pgbench_history") == str(m2.count)
+        r.psql("CREATE TABLE after_branch AS SELECT g FROM generate_series(1, 1000) g")
+        wait_archived(r, timeout=30)
+    finally:
+        stop(r)
+    # Recover again from the same full backup to the end of the archive: follows timeline 2.
+    r3, report3 = restore(env, "r_tl3", env.backups["local"], "--target-action", "promote")
+    try:
+        assert r3.psql("SELECT count(*) FROM after_branch") == "1000"
+        assert r3.psql("SELECT count(*) FROM pgbench_history") == str(m2.count)
+        invariant(r3)
+        reached = report3["reached"]
+        assert isinstance(reached, dict) and reached["timeline"] == 3
+    finally:
+        stop(r3)

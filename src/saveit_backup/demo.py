@@ -6,6 +6,7 @@ Runs the real command line against a local repository, the embedded default.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ def main() -> int:
                PGDATABASE="saveit", BACKUP_PG_BINDIR=cluster.bindir, BACKUP_ENVIRONMENT="demo")
 
     def step(title: str, *args: str) -> None:
-        print(f"\n$ saveit-backup {' '.join(args)}    # {title}", flush=True)
+        print(f"\n$ saveit-backup {shlex.join(args)}    # {title}", flush=True)
         subprocess.run([cli, *args], env=env, check=True)
 
     print(f"demo: starting a throwaway PostgreSQL in {work}", flush=True)

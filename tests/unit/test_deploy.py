@@ -55,6 +55,7 @@ METRICS = frozenset(
         "saveit_repository_size_bytes",
         "saveit_restore_test_last_success",
         "saveit_restore_test_last_duration_seconds",
+        "saveit_restore_test_last_timestamp_seconds",
         "saveit_backup_enabled",
         "saveit_objective_rpo_seconds",
         "saveit_objective_rto_seconds",
@@ -664,7 +665,7 @@ def test_promtool_check_and_unit_test_rules(tmp_path: Path) -> None:
                 "input_series": [
                     {"series": f'saveit_backup_last_success_timestamp_seconds{{{lab},type="full"}}', "values": "0x1800"},
                     {"series": f'saveit_backup_last_success_timestamp_seconds{{{lab},type="incr"}}', "values": "0+60x1800"},
-                    {"series": f'saveit_backup_last_success_timestamp_seconds{{{lab},type="restore_test"}}', "values": "0x1800"},
+                    {"series": f'saveit_restore_test_last_timestamp_seconds{{{lab}}}', "values": "0x1800"},
                     {"series": f"saveit_backup_enabled{{{lab}}}", "values": "1x1800"},
                     {"series": f"saveit_wal_archive_lag_seconds{{{lab}}}", "values": "30x1200 7200x600"},
                     {"series": f"saveit_objective_rpo_seconds{{{lab}}}", "values": "3600x1800"},

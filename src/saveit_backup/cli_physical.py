@@ -30,14 +30,14 @@ def register(sub: Any) -> None:
         backup.add_argument("--no-verify-checksums", action="store_true",
                             help="full, local mode: do not check data page checksums while reading (saves CPU)")
         backup.add_argument("--wal-timeout", type=float, default=None,
-                            help="full: seconds to wait for the backup's WAL to be archived (default 300)")
+                            help="full/diff/incr: seconds to wait for the backup's WAL to be archived (default 300)")
 
 
 def physical_backup(args: argparse.Namespace, ctx: Context, progress: Progress) -> Manifest:
+    import sys
+
     from saveit_backup.ops.physical import WAL_TIMEOUT, PhysicalOptions, backup_physical
 
-    if args.type != "full":
-        raise ConfigError(f"backup --type {args.type} is not available in this build", hint="use --type full or --type logical")
     settings = ctx.settings
     if args.remote:
         mode = "remote"
@@ -46,12 +46,16 @@ def physical_backup(args: argparse.Namespace, ctx: Context, progress: Progress) 
     elif settings.physical_mode == "remote":
         mode = "remote"
     else:
-        raise ConfigError("backup --type full needs --pgdata DIR (local mode, on the database host) or --remote "
+        raise ConfigError(f"backup --type {args.type} needs --pgdata DIR (local mode, on the database host) or --remote "
                           "(replication protocol)", hint="or set BACKUP_PGDATA / BACKUP_PHYSICAL_MODE=remote")
     opts = PhysicalOptions(mode=mode, pgdata=str(args.pgdata or settings.pgdata), jobs=max(1, int(settings.jobs)),
                            verify_checksums=not getattr(args, "no_verify_checksums", False),
-                           wal_timeout=getattr(args, "wal_timeout", None) or WAL_TIMEOUT)
-    return backup_physical(ctx, opts, progress)
+                           wal_timeout=getattr(args, "wal_timeout", None) or WAL_TIMEOUT, kind=args.type)
+    manifest = backup_physical(ctx, opts, progress)
+    if manifest.options.get("fallback"):
+        print(f"WARNING: backup --type {args.type}: {manifest.options['fallback']}; took a full backup instead",
+              file=sys.stderr)
+    return manifest
 
 
 def recovery_target(args: argparse.Namespace) -> RecoveryTarget:

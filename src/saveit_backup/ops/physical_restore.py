@@ -1,14 +1,16 @@
 """Physical restore and point-in-time recovery into a data directory, optionally started and watched.
 
-Steps: choose the backup (the newest good full backup that ends before the target,
-``domain/pitr.choose_backup``); check the target directory (empty, or ``--force``; never a running
-server's); restore files in parallel from their objects (packs are sliced, every file's SHA-256 is
-checked against the manifest), re-create directories, tablespace links (to the original location, or
-``<target>.tblspc/<oid>`` when that is not empty) and the backup's own WAL in ``pg_wal``; write
-``backup_label``/``tablespace_map``, ``recovery.signal`` and the recovery settings in
-``postgresql.auto.conf``.  ``restore_command`` calls this same program (``wal-fetch``) with the
-repository URL and, if one was used, the config file path; secrets are never written: the restored
-server needs them in its environment (or in that config file) to fetch encrypted WAL.
+Steps: choose the backup (the newest good full, diff or incr backup whose chain is complete and that
+ends before the target, ``domain/pitr.choose_backup``); files of a diff/incr chain are rebuilt in
+one pass each, base and block deltas stream-merged (``ops/incremental.py``); check the target
+directory (empty, or ``--force``; never a running server's); restore files in parallel from their
+objects (packs are sliced, every file's SHA-256 is checked against the manifest), re-create
+directories, tablespace links (to the original location, or ``<target>.tblspc/<oid>`` when that is
+not empty) and the backup's own WAL in ``pg_wal``; write ``backup_label``/``tablespace_map``,
+``recovery.signal`` and the recovery settings in ``postgresql.auto.conf``. ``restore_command`` calls
+this same program (``wal-fetch``) with the repository URL and, if one was used, the config file
+path; secrets are never written: the restored server needs them in its environment (or in that
+config file) to fetch encrypted WAL.
 
 With ``start``: pg_ctl starts the server on a free port (or the given one) with its socket in the data
 directory, and waits until recovery reached its end (promoted, paused or shut down per the target
@@ -26,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +41,7 @@ from saveit_backup.domain.manifest import Manifest
 from saveit_backup.domain.pitr import PhysicalBackup, RecoveryTarget, choose_backup, recovery_settings
 from saveit_backup.domain.wal import Lsn, history_file_name, parse_history
 from saveit_backup.errors import BackupNotFound, ConfigError, IntegrityError, NotFound, PgToolError, RestoreRefused
+from saveit_backup.ops import incremental
 from saveit_backup.ops.progress import Progress
 from saveit_backup.pg.cluster import default_bindir, free_port
 from saveit_backup.repo import layout
@@ -123,18 +127,29 @@ def choose(repo: Repository, req: RestoreRequest) -> Manifest:
     target_tli = int(req.timeline) if req.timeline.isdigit() else newest_timeline(repo) if req.timeline == "latest" else None
     if req.backup != "latest":
         m = repo.load_manifest(req.backup)
-        if m.type != "full":
-            raise ConfigError(f"backup {m.id} is a {m.type} backup; --target-dir restores full physical backups",
+        if m.type not in ("full", "diff", "incr"):
+            raise ConfigError(f"backup {m.id} is a {m.type} backup; --target-dir restores physical backups",
                               hint="use --target-db for logical backups")
         if not m.checksum_ok:
             raise IntegrityError(f"the manifest of backup {m.id} is damaged (checksum mismatch)")
+        _check_chain(repo, m, {})
         if req.target.kind == "time" and req.target.time is not None and m.finished_at >= req.target.time:
             raise ConfigError(f"backup {m.id} finished at {m.finished}, after the target {req.target.describe()}",
                               hint="choose an older backup, or 'latest' to pick one")
         if req.target.kind == "lsn" and req.target.lsn is not None and Lsn.parse(m.physical["stop_lsn"]) > req.target.lsn:
             raise ConfigError(f"backup {m.id} ends at {m.physical['stop_lsn']}, after the target {req.target.describe()}")
         return m
-    manifests = {m.id: m for m in repo.manifests() if m.type == "full"}
+    every = {m.id: m for m in repo.manifests()}
+    manifests = {}
+    for m in every.values():
+        if m.type not in ("full", "diff", "incr"):
+            continue
+        try:
+            _check_chain(repo, m, every)
+        except (BackupNotFound, IntegrityError) as exc:
+            log.warning("skipping backup %s: %s", m.id, exc)
+            continue
+        manifests[m.id] = m
     candidates = [b for b in (as_physical(m) for m in manifests.values()) if b is not None]
     history = []
     if target_tli is not None and target_tli > 1:
@@ -147,6 +162,18 @@ def choose(repo: Repository, req: RestoreRequest) -> Manifest:
     except ValueError as exc:
         raise BackupNotFound(str(exc)) from None
     return manifests[chosen.id]
+
+
+def _check_chain(repo: Repository, m: Manifest, known: dict[str, Manifest]) -> list[Manifest]:
+    """A diff/incr is restorable only with every backup it depends on, each with a good manifest."""
+    if m.type == "full":
+        return [m]
+    cache = dict(known)
+    members = incremental.chain_of(repo, m, cache)
+    bad = [b.id for b in members if not b.checksum_ok]
+    if bad:
+        raise IntegrityError(f"backup {bad[0]} in the chain of {m.id} is damaged (manifest checksum mismatch)")
+    return members
 
 
 # --- target directory -------------------------------------------------------------------------
@@ -212,6 +239,8 @@ class Writer:
         self.delta = delta
         self.ts_dir = str(manifest.physical.get("tablespace_dir", ""))
         self.skipped = 0
+        self.lock = threading.Lock()
+        self.open_lock = threading.Lock()
 
     def dest(self, path: str) -> Path:
         parts = path.split("/")
@@ -251,13 +280,14 @@ class Writer:
         if entry.get("mtime"):
             os.utime(dest, (entry["mtime"], entry["mtime"]))
 
-    def restore_object(self, name: str, entries: list[dict[str, Any]]) -> int:
-        key = layout.object_key(self.manifest.id, name)
+    def restore_object(self, name: str, entries: list[dict[str, Any]], backup: str | None = None) -> int:
+        key = layout.object_key(backup or self.manifest.id, name)
         todo = [e for e in entries if not self._unchanged(self.dest(e["path"]), e)]
-        self.skipped += len(entries) - len(todo)
+        with self.lock:
+            self.skipped += len(entries) - len(todo)
         if not todo:
             return 0
-        if len(entries) == 1 and entries[0]["offset"] == 0 and name.startswith("f"):
+        if len(entries) == 1 and entries[0]["offset"] == 0 and (name.startswith("f") or entries[0].get("own")):
             self._write(entries[0], self.repo.read_object(key))
             return int(entries[0]["size"])
         data = b"".join(self.repo.read_object(key))
@@ -265,6 +295,15 @@ class Writer:
         for e in todo:
             self._write(e, [bytes(view[e["offset"] : e["offset"] + e["size"]])])
         return sum(int(e["size"]) for e in todo)
+
+    def restore_merged(self, cache: incremental.PackCache, entry: dict[str, Any]) -> int:
+        """A file of a diff/incr chain: base and block deltas merged in one pass."""
+        dest = self.dest(entry["path"])
+        if self.delta and incremental.file_matches(str(dest), entry):
+            with self.lock:
+                self.skipped += 1
+            return 0
+        return incremental.restore_merged(self.repo, cache, entry, str(dest), self.open_lock)
 
     def restore_wal(self, name: str) -> None:
         seg = name.split("/", 1)[1]
@@ -294,17 +333,24 @@ def restore_files(repo: Repository, manifest: Manifest, target: Path, spaces: di
         dest = writer.dest(ln["path"])
         if not dest.is_symlink():
             os.symlink(ln["target"], dest)
-    by_object: dict[str, list[dict[str, Any]]] = {}
+    by_object: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    merged: list[dict[str, Any]] = []
     for f in p.get("files", []):
-        by_object.setdefault(f["object"], []).append(f)
+        if f.get("kind", "full") == "incremental":
+            merged.append(f)
+        else:
+            by_object.setdefault((f.get("backup") or manifest.id, f["object"]), []).append(f)
+    merged.sort(key=lambda f: (f["base"]["backup"], f["base"]["object"], int(f["base"].get("offset", 0))))
+    cache = incremental.PackCache(repo)
     if delta:
         _remove_extra(target, {f["path"] for f in p.get("files", [])}, {d["path"] for d in p.get("dirs", [])})
     wal = [o.name for o in manifest.objects if o.name.startswith("wal/")]
     (target / "pg_wal").mkdir(exist_ok=True)
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="restore") as pool:
-        sizes = list(pool.map(lambda item: writer.restore_object(*item), sorted(by_object.items())))
+        sizes = list(pool.map(lambda item: writer.restore_object(item[0][1], item[1], item[0][0]), sorted(by_object.items())))
+        sizes += list(pool.map(lambda f: writer.restore_merged(cache, f), merged))
         list(pool.map(writer.restore_wal, wal))
-    report.files = sum(len(v) for v in by_object.values())
+    report.files = sum(len(v) for v in by_object.values()) + len(merged)
     report.bytes = sum(sizes)
     report.skipped = writer.skipped
 

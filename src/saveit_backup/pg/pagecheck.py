@@ -6,11 +6,8 @@ taken as zero, is read as 64 rows of 32 little-endian uint32 words; 32 FNV-1a-li
 then two rounds with zero words; the lanes are XOR-folded, XORed with the block number and
 reduced to ``1..65535``.
 
-A word-at-a-time loop in Python costs about 2 ms per page (4 MB/s).  Here every lane of every
-page in a chunk lives in its own 64-bit slot of one big Python integer, so each of the 66 rounds
-is a handful of big-integer operations (multiply, shift, xor, mask) over the whole chunk: a
-uint32 times the 24-bit prime stays below 2**56, so lanes never carry into each other, and the
-bits that ``>> 17`` drags in from the next lane land above bit 32 where the mask removes them.
+A word-at-a-time loop in Python costs about 2 ms per page (4 MB/s); ``_folds`` vectorises the
+lanes of many pages with numpy instead (the reference loop stays as ``checksum_page_slow``).
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ BASE_OFFSETS = (
 )  # fmt: skip
 _HEADER = struct.Struct("<IIHHHH")  # pd_lsn (xlogid, xrecoff), pd_checksum, pd_flags, pd_lower, pd_upper
 _ZERO_PAGE = bytes(BLCKSZ)
-_LANE_BYTES = b"".join(v.to_bytes(8, "little") for v in BASE_OFFSETS)
 # Relation data files: <relfilenode>[_fsm|_vm|_init][.<segment>] under base/, global/ and tablespaces.
 _RELFILE = re.compile(r"^(\d+)(?:_(fsm|vm|init))?(?:\.(\d+))?$")
 
@@ -64,46 +60,33 @@ def checksum_page_slow(page: bytes, blkno: int) -> int:
     return (result & 0xFFFFFFFF) % 65535 + 1
 
 
-def _spread(data: bytes | bytearray | memoryview) -> bytearray:
-    """Each uint32 of ``data`` followed by four zero bytes (a 64-bit slot per word)."""
-    out = bytearray(2 * len(data))
-    for k in range(4):
-        out[k::8] = data[k::4]
-    return out
-
-
-GROUP_PAGES = 16  # pages per big-integer batch (measured fastest: 64 KiB..256 KiB)
+GROUP_PAGES = 128  # pages per vectorised batch (1 MiB: the lane array stays in cache)
 
 
 def _folds(data: bytes | bytearray | memoryview) -> list[int]:
-    """The block-independent part of the checksum (XOR of the 32 lanes) of every full page of ``data``."""
+    """The block-independent part of the checksum (XOR of the 32 lanes) of every full page of ``data``.
+
+    numpy runs each of the 66 rounds over all lanes of all pages of a batch at once (uint32
+    arithmetic wraps exactly like C's), releasing the GIL, so worker threads check in parallel.
+    """
+    import numpy as np
+
     npages = len(data) // BLCKSZ
-    if npages > GROUP_PAGES:
-        out: list[int] = []
-        for g in range(0, npages, GROUP_PAGES):
-            out += _folds(data[g * BLCKSZ : min(npages, g + GROUP_PAGES) * BLCKSZ])
-        return out
-    if npages == 0:
-        return []
-    buf = bytearray(data[: npages * BLCKSZ])
-    zero = bytes(npages)
-    buf[8::BLCKSZ] = zero  # pd_checksum counts as zero
-    buf[9::BLCKSZ] = zero
-    view = memoryview(_spread(buf))
-    row_bytes = N_SUMS * 8
-    page_bytes = BLCKSZ * 2
-    slots = npages * N_SUMS
-    mask = int.from_bytes(b"\xff\xff\xff\xff\x00\x00\x00\x00" * slots, "little")
-    sums = int.from_bytes(_LANE_BYTES * npages, "little")
-    for i in range(ROWS):
-        start = i * row_bytes
-        row = b"".join([view[p * page_bytes + start : p * page_bytes + start + row_bytes] for p in range(npages)])
-        tmp = sums ^ int.from_bytes(row, "little")
-        sums = ((tmp * FNV_PRIME) ^ (tmp >> 17)) & mask
-    for _ in range(2):
-        sums = ((sums * FNV_PRIME) ^ (sums >> 17)) & mask
-    lanes = struct.unpack(f"<{slots}Q", sums.to_bytes(slots * 8, "little"))
-    return [reduce(xor, lanes[p * N_SUMS : (p + 1) * N_SUMS]) for p in range(npages)]
+    out: list[int] = []
+    for g in range(0, npages, GROUP_PAGES):
+        n = min(GROUP_PAGES, npages - g)
+        words = np.frombuffer(data, dtype="<u4", count=n * BLCKSZ // 4, offset=g * BLCKSZ).reshape(n, ROWS, N_SUMS)
+        words = words.copy()
+        words[:, 0, 2] &= np.uint32(0xFFFF0000)  # pd_checksum (bytes 8-9) counts as zero
+        sums = np.tile(np.array(BASE_OFFSETS, dtype=np.uint32), (n, 1))
+        prime = np.uint32(FNV_PRIME)
+        for i in range(ROWS):
+            tmp = sums ^ words[:, i, :]
+            sums = (tmp * prime) ^ (tmp >> np.uint32(17))
+        for _ in range(2):
+            sums = (sums * prime) ^ (sums >> np.uint32(17))
+        out += [int(x) for x in np.bitwise_xor.reduce(sums, axis=1)]
+    return out
 
 
 def _final(fold: int, blkno: int) -> int:
@@ -129,26 +112,23 @@ def check_chunk(data: bytes | bytearray | memoryview, first_blkno: int, max_lsn:
     zero), and pages whose LSN is at or after ``max_lsn`` (the backup start: a concurrent write may be torn,
     and WAL replay rewrites it from a full-page image).  A trailing partial page is ignored.
     """
+    import numpy as np
+
     npages = len(data) // BLCKSZ
-    candidates: list[int] = []
-    bad: list[BadPage] = []
-    for p in range(npages):
-        xlogid, xrecoff, _, _, _, upper = _HEADER.unpack_from(data, p * BLCKSZ)
-        if upper == 0:
-            if bytes(data[p * BLCKSZ : (p + 1) * BLCKSZ]) != _ZERO_PAGE:  # a "new" page must be all zeros
-                bad.append(BadPage(first_blkno + p, 0, -1))
-            continue
-        if ((xlogid << 32) | xrecoff) >= max_lsn:
-            continue
-        candidates.append(p)
-    if not candidates:
+    if npages == 0:
+        return 0, []
+    pages = np.frombuffer(data, dtype="<u4", count=npages * BLCKSZ // 4).reshape(npages, BLCKSZ // 4)
+    lsn = (pages[:, 0].astype(np.uint64) << np.uint64(32)) | pages[:, 1]
+    new = (pages[:, 3] >> np.uint32(16)) == 0  # pd_upper == 0
+    bad: list[BadPage] = [BadPage(first_blkno + int(p), 0, -1) for p in np.flatnonzero(new & pages.any(axis=1))]
+    candidates = np.flatnonzero(~new & (lsn < np.uint64(max_lsn)))
+    if candidates.size == 0:
         return 0, bad
-    view = memoryview(data)
-    batch = view[: npages * BLCKSZ] if len(candidates) == npages else b"".join(
-        view[p * BLCKSZ : (p + 1) * BLCKSZ] for p in candidates)
-    for p, fold in zip(candidates, _folds(batch), strict=True):
+    batch = data if candidates.size == npages else pages[candidates].tobytes()
+    found = pages[candidates, 2] & np.uint32(0xFFFF)
+    for p, fold, stored in zip(candidates.tolist(), _folds(batch), found.tolist(), strict=True):
         expected = _final(fold, first_blkno + p)
-        found = struct.unpack_from("<H", data, p * BLCKSZ + 8)[0]
-        if expected != found:
-            bad.append(BadPage(first_blkno + p, expected, found))
-    return len(candidates), bad
+        if expected != stored:
+            bad.append(BadPage(first_blkno + p, expected, stored))
+    bad.sort(key=lambda b: b.block)
+    return int(candidates.size), bad

@@ -1,0 +1,543 @@
+"""Block-level differential and incremental physical backups, and the one-pass restore of a chain.
+
+Backup side (local mode): the *reference* is the newest good local-mode physical backup of the same
+cluster and timeline (``incr``: any type; ``diff``: the newest full).  Relation main-fork files that
+the reference holds are read once: every page is hashed, checked (``FileReader``) and kept when its
+page LSN (``pd_lsn``) is at or after the reference's start LSN, is zero (new or re-extended), or lies
+beyond the reference file's size; the kept pages form a *block delta* (format in docs/format.md).
+Every other file is hashed and stored whole when its size or SHA-256 differs from the reference.
+Files that did not change are described by the reference's own entry, so every manifest entry is
+self-contained: ``kind: full`` (an object, in ``backup``) or ``kind: incremental`` (a ``base`` slice
+plus the ordered ``deltas``).
+
+Restore side: for each file, the base slice is read sequentially and the deltas (sorted by block)
+are merged in as a k-way streaming merge, newest first, and the result truncated to the file's size:
+one pass, bounded memory, no intermediate copies.  Base slices and delta slices are checked against
+their SHA-256 while they stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+from saveit_backup.domain.manifest import Manifest, ObjectEntry
+from saveit_backup.errors import BackupNotFound, IntegrityError
+from saveit_backup.pg import pagecheck
+from saveit_backup.pipeline.envelope import Digest, EncodeOptions
+from saveit_backup.repo import layout
+from saveit_backup.repo.repository import Repository
+
+log = logging.getLogger(__name__)
+
+DELTA_MAGIC = b"SVBK"
+DELTA_VERSION = 1
+_DELTA_HEADER = struct.Struct(">4sB3xI")  # magic, version, pad, block size
+_BLOCKNO = struct.Struct(">I")
+_END = 0xFFFFFFFF
+_LSN = struct.Struct("<II")
+READ_BLOCKS = 128  # pages per read (1 MiB at 8 KiB)
+STREAM_DELTA = 32 << 20  # a delta bigger than this that has its own object is streamed, not read into memory
+CACHE_BYTES = 192 << 20  # decoded pack objects kept in memory during a restore
+NO_REFERENCE = "no reference full backup"
+
+
+# --- which files are relation files -------------------------------------------------------------
+def is_relation_main_fork(path: str) -> bool:
+    """``base/<db>/<relfilenode>[.<seg>]``, ``global/<relfilenode>[.<seg>]``, tablespace likewise; not _fsm/_vm/_init."""
+    parts = path.split("/")
+    if not (parts[0] in ("base", "global") or (parts[0] == "pg_tblspc" and len(parts) > 3)):
+        return False
+    name = parts[-1]
+    head, _, seg = name.partition(".")
+    return head.isdigit() and (seg == "" or seg.isdigit())
+
+
+# --- the reference -------------------------------------------------------------------------------
+@dataclass
+class Reference:
+    manifest: Manifest
+    start_lsn: int
+    chain: list[str]  # full first, the reference last
+    files: dict[str, dict[str, Any]]  # path -> the reference's entry, resolved (backup and kind set)
+
+
+def resolved(entry: dict[str, Any], backup_id: str) -> dict[str, Any]:
+    """An entry with ``kind`` and ``backup`` spelled out (entries of full backups omit them)."""
+    out = dict(entry)
+    out.setdefault("kind", "full")
+    if out["kind"] == "full":
+        out.setdefault("backup", backup_id)
+    return out
+
+
+def chain_of(repo: Repository, m: Manifest, cache: dict[str, Manifest] | None = None) -> list[Manifest]:
+    """The manifests ``m`` depends on, full first, ``m`` last.  BackupNotFound when one is missing."""
+    cache = cache if cache is not None else {}
+    out = [m]
+    seen = {m.id}
+    while out[0].type != "full":
+        parent = out[0].parent
+        if not parent or parent in seen:
+            raise IntegrityError(f"backup {out[0].id} ({out[0].type}) has no usable parent")
+        seen.add(parent)
+        pm = cache.get(parent) or repo.load_manifest(parent)
+        cache[parent] = pm
+        out.insert(0, pm)
+    return out
+
+
+def find_reference(repo: Repository, kind: str, system_identifier: str, timeline: int) -> tuple[Reference | None, str]:
+    """The backup a ``diff``/``incr`` is taken against, or (None, why not)."""
+    cache: dict[str, Manifest] = {}
+    physical = []
+    for m in repo.manifests():
+        cache[m.id] = m
+        if m.type in ("full", "diff", "incr") and m.physical.get("start_lsn"):
+            physical.append(m)
+    wanted = [m for m in physical if m.type == "full"] if kind == "diff" else physical
+    if not wanted:
+        return None, NO_REFERENCE
+    ref = max(wanted, key=lambda m: (m.started, m.id))
+    if not ref.checksum_ok:
+        return None, f"the newest {'full ' if kind == 'diff' else ''}backup {ref.id} failed verification (manifest checksum)"
+    if ref.physical.get("mode") != "local":
+        return None, f"the newest backup {ref.id} was taken in remote mode (no per-file manifest)"
+    if ref.system_identifier != system_identifier:
+        return None, f"the newest backup {ref.id} belongs to another cluster (system identifier {ref.system_identifier})"
+    if int(ref.physical.get("timeline", 0)) != timeline:
+        return None, f"the timeline changed since backup {ref.id} ({ref.physical.get('timeline')} -> {timeline})"
+    try:
+        members = chain_of(repo, ref, cache)
+    except (BackupNotFound, IntegrityError) as exc:
+        return None, f"the chain of backup {ref.id} is broken: {exc}"
+    bad = [m.id for m in members if not m.checksum_ok]
+    if bad:
+        return None, f"backup {bad[0]} in the chain of {ref.id} failed verification"
+    from saveit_backup.domain.wal import Lsn
+
+    files = {f["path"]: resolved(f, ref.id) for f in ref.physical.get("files", [])}
+    return Reference(ref, int(Lsn.parse(ref.physical["start_lsn"])), [m.id for m in members], files), ""
+
+
+# --- the block-delta format ----------------------------------------------------------------------
+def delta_header(block_size: int) -> bytes:
+    return _DELTA_HEADER.pack(DELTA_MAGIC, DELTA_VERSION, block_size)
+
+
+def delta_trailer() -> bytes:
+    return _BLOCKNO.pack(_END)
+
+
+def page_lsn(page: bytes | memoryview, offset: int = 0) -> int:
+    hi, lo = _LSN.unpack_from(page, offset)
+    return int(hi) << 32 | int(lo)
+
+
+def select_pages(chunk: bytes, first_block: int, ref_blocks: int, start_lsn: int, block_size: int) -> list[tuple[int, bytes]]:
+    """Pages of ``chunk`` to keep: changed since ``start_lsn``, all-zero LSN (new or re-extended), or new blocks."""
+    out = []
+    view = memoryview(chunk)
+    for off in range(0, len(chunk) - block_size + 1, block_size):
+        blk = first_block + off // block_size
+        if blk >= ref_blocks:
+            out.append((blk, bytes(view[off : off + block_size])))
+            continue
+        lsn = page_lsn(chunk, off)
+        if lsn >= start_lsn or lsn == 0:
+            out.append((blk, bytes(view[off : off + block_size])))
+    return out
+
+
+class ByteStream:
+    """Exact-size reads over an iterator of chunks; hashes what passes when asked."""
+
+    def __init__(self, chunks: Iterable[bytes], hashing: bool = True) -> None:
+        self._it = iter(chunks)
+        self._buf = b""
+        self._pos = 0
+        self.hash = hashlib.sha256() if hashing else None
+        self.consumed = 0
+
+    def read(self, n: int) -> bytes:
+        parts = []
+        want = n
+        while want > 0:
+            if self._pos >= len(self._buf):
+                nxt = next(self._it, None)
+                if nxt is None:
+                    break
+                self._buf, self._pos = bytes(nxt), 0
+                continue
+            take = self._buf[self._pos : self._pos + want]
+            self._pos += len(take)
+            want -= len(take)
+            parts.append(take)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if self.hash is not None:
+            self.hash.update(data)
+        self.consumed += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def read_delta(stream: ByteStream, what: str) -> Iterator[tuple[int, bytes]]:
+    """(block number, page) records of a block delta, ascending."""
+    head = stream.read(_DELTA_HEADER.size)
+    if len(head) != _DELTA_HEADER.size:
+        raise IntegrityError(f"{what}: truncated block delta")
+    magic, version, block_size = _DELTA_HEADER.unpack(head)
+    if magic != DELTA_MAGIC or version != DELTA_VERSION:
+        raise IntegrityError(f"{what}: not a block delta of version {DELTA_VERSION}")
+    last = -1
+    while True:
+        raw = stream.read(4)
+        if len(raw) != 4:
+            raise IntegrityError(f"{what}: block delta ends without its end marker")
+        (blk,) = _BLOCKNO.unpack(raw)
+        if blk == _END:
+            return
+        if blk <= last:
+            raise IntegrityError(f"{what}: block delta is not sorted (block {blk} after {last})")
+        page = stream.read(block_size)
+        if len(page) != block_size:
+            raise IntegrityError(f"{what}: truncated page {blk} in block delta")
+        last = blk
+        yield blk, page
+
+
+# --- backup: producing the entries of a diff/incr ------------------------------------------------
+@dataclass
+class IncrementalWork:
+    """What one backup file turns into: filled in by ``produce``."""
+
+    entry: Any  # physical.FileEntry
+    ref: dict[str, Any] | None
+    out: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class IncrStats:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    files_full: int = 0
+    files_delta: int = 0
+    files_unchanged: int = 0
+    pages_read: int = 0
+    pages_stored: int = 0
+
+    def add(self, **kw: int) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"files_full": self.files_full, "files_incremental": self.files_delta, "files_unchanged": self.files_unchanged,
+                "pages_read": self.pages_read, "pages_stored": self.pages_stored}
+
+
+class DeltaProducer:
+    """Reads PGDATA files for a diff/incr and yields the bytes to store for each (maybe none)."""
+
+    def __init__(self, reader: Any, ref: Reference, bid: str, block_size: int, blocks_per_segment: int) -> None:
+        self.reader = reader  # physical.FileReader
+        self.ref = ref
+        self.bid = bid
+        self.block_size = block_size
+        self.blocks_per_segment = blocks_per_segment
+        self.stats = IncrStats()
+
+    def _open(self, work: IncrementalWork) -> int | None:
+        try:
+            return os.open(self.reader.real_path(work.entry.path), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+
+    def produce(self, work: IncrementalWork) -> Iterator[bytes]:
+        """Bytes to store for this file (whole file or block delta); sets ``work.out`` to the manifest entry."""
+        e, ref = work.entry, work.ref
+        meta = {"path": e.path, "mode": e.mode, "mtime": int(e.mtime)}
+        if ref is None:
+            yield from self._whole(work, meta, None)
+            return
+        fd = self._open(work)
+        if fd is None:  # dropped meanwhile: an empty file, WAL replay removes it
+            work.out = meta | {"kind": "full", "backup": self.bid, "size": 0, "sha256": hashlib.sha256().hexdigest()}
+            self.stats.add(files_full=1)
+            e.size = 0
+            return
+        try:
+            st = os.fstat(fd)
+            if (is_relation_main_fork(e.path) and ref.get("size", 0) % self.block_size == 0
+                    and st.st_size % self.block_size == 0):
+                yield from self._delta(work, fd, meta, ref)
+            else:
+                yield from self._whole(work, meta, fd)
+        finally:
+            os.close(fd)
+
+    def _whole(self, work: IncrementalWork, meta: dict[str, Any], fd: int | None) -> Iterator[bytes]:
+        """Store the file whole unless its SHA-256 equals the reference's."""
+        e, ref = work.entry, work.ref
+        if ref is not None and fd is not None:
+            h = hashlib.sha256()
+            size = 0
+            small = os.fstat(fd).st_size < (16 << 20)
+            held: list[bytes] = []
+            while chunk := os.pread(fd, 1 << 20, size):
+                h.update(chunk)
+                size += len(chunk)
+                if small:
+                    held.append(chunk)
+            if size == ref.get("size") and h.hexdigest() == ref.get("sha256"):
+                work.out = ref | {"mode": e.mode, "mtime": int(e.mtime)}
+                e.size, e.sha256 = size, h.hexdigest()
+                self.stats.add(files_unchanged=1)
+                return
+            if small:
+                e.size, e.sha256 = size, h.hexdigest()
+                work.out = meta | {"kind": "full", "backup": self.bid, "size": size, "sha256": e.sha256, "length": size}
+                self.stats.add(files_full=1)
+                yield from held
+                return
+        n = 0
+        for chunk in self.reader.chunks(e):
+            n += len(chunk)
+            yield chunk
+        work.out = meta | {"kind": "full", "backup": self.bid, "size": e.size, "sha256": e.sha256, "length": n}
+        self.stats.add(files_full=1)
+
+    def _delta(self, work: IncrementalWork, fd: int, meta: dict[str, Any], ref: dict[str, Any]) -> Iterator[bytes]:
+        e = work.entry
+        bs = self.block_size
+        ref_blocks = int(ref["size"]) // bs
+        segno = pagecheck.relation_segment(e.path) or 0
+        checking = self.reader.checks.enabled and bs == pagecheck.BLCKSZ
+        h = hashlib.sha256()
+        dh = hashlib.sha256()
+        size = 0
+        stored = 0
+        pages = 0
+        kept = 0
+        started = False
+        while chunk := os.pread(fd, READ_BLOCKS * bs, size):
+            if len(chunk) % bs:  # a page being appended right now: keep whole pages, WAL replay has the rest
+                chunk = chunk[: len(chunk) - len(chunk) % bs]
+                if not chunk:
+                    break
+            first = size // bs
+            if checking:
+                self.reader._check(fd, e.path, chunk, segno * self.blocks_per_segment + first, size)
+            h.update(chunk)
+            size += len(chunk)
+            pages += len(chunk) // bs
+            for blk, page in select_pages(chunk, first, ref_blocks, self.ref.start_lsn, bs):
+                if not started:
+                    head = delta_header(bs)
+                    dh.update(head)
+                    stored += len(head)
+                    started = True
+                    yield head
+                rec = _BLOCKNO.pack(blk) + page
+                dh.update(rec)
+                stored += len(rec)
+                kept += 1
+                yield rec
+        e.size, e.sha256 = size, h.hexdigest()
+        self.stats.add(pages_read=pages, pages_stored=kept)
+        if not started and size == int(ref["size"]):
+            work.out = ref | {"mode": e.mode, "mtime": int(e.mtime)}
+            self.stats.add(files_unchanged=1)
+            return
+        if not started:  # truncated only: an empty delta records the new size
+            head = delta_header(bs)
+            dh.update(head)
+            stored += len(head)
+            yield head
+        tail = delta_trailer()
+        dh.update(tail)
+        stored += len(tail)
+        yield tail
+        if ref["kind"] == "full":
+            base = {k: ref[k] for k in ("backup", "object", "offset", "size", "sha256")}
+            if "length" in ref:
+                base["length"] = ref["length"]
+            deltas: list[dict[str, Any]] = []
+        else:
+            base, deltas = dict(ref["base"]), list(ref["deltas"])
+        work.out = meta | {"kind": "incremental", "size": size, "sha256": e.sha256, "block_size": bs, "base": base,
+                           "deltas": [*deltas, {"backup": self.bid, "length": stored, "sha256": dh.hexdigest()}]}
+        self.stats.add(files_delta=1)
+
+
+def store_incremental(repo: Repository, bid: str, name: str, works: list[IncrementalWork], producer: DeltaProducer,
+                      options: EncodeOptions, big: int) -> ObjectEntry | None:
+    """One object (a pack, or one big file) of a diff/incr; None when nothing in it changed."""
+    own = len(works) == 1 and (works[0].entry.size >= big)
+
+    def packed() -> Iterator[bytes]:
+        offset = 0
+        for w in works:
+            start = offset
+            for chunk in producer.produce(w):
+                offset += len(chunk)
+                yield chunk
+            if offset > start:
+                place = w.out["deltas"][-1] if w.out.get("kind") == "incremental" and w.out["deltas"][-1]["backup"] == bid \
+                    else w.out
+                place["object"], place["offset"] = name, start
+                if own:
+                    place["own"] = True
+
+    gen = packed()
+    first = next(gen, None)
+    if first is None:
+        return None
+    digest: Digest = repo.put_object(layout.object_key(bid, name), chain([first], gen), options)
+    return ObjectEntry(name, digest.plain_size, digest.stored_size, digest.plain_sha256, digest.codec, digest.cipher)
+
+
+# --- restore: one-pass reconstruction --------------------------------------------------------------
+class PackCache:
+    """Decoded objects (packs) shared by restore threads, least recently used out first."""
+
+    def __init__(self, repo: Repository, capacity: int = CACHE_BYTES) -> None:
+        self.repo = repo
+        self.capacity = capacity
+        self.items: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, backup: str, name: str) -> bytes:
+        key = (backup, name)
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        data = b"".join(self.repo.read_object(layout.object_key(backup, name)))
+        with self.lock:
+            if key not in self.items:
+                self.items[key] = data
+                self.size += len(data)
+                while self.size > self.capacity and len(self.items) > 1:
+                    _, old = self.items.popitem(last=False)
+                    self.size -= len(old)
+        return data
+
+
+def _own(ref: dict[str, Any]) -> bool:
+    return bool(ref.get("own")) or (int(ref.get("offset", 0)) == 0 and str(ref["object"]).startswith("f"))
+
+
+def slice_bytes(repo: Repository, cache: PackCache, ref: dict[str, Any], length: int) -> ByteStream:
+    """The bytes of one file (or delta) inside an object, read into memory (packs through the cache)."""
+    backup, name, offset = ref["backup"], ref["object"], int(ref.get("offset", 0))
+    if _own(ref):
+        data = b"".join(repo.read_object(layout.object_key(backup, name)))
+        offset = 0
+    else:
+        data = cache.get(backup, name)
+    if offset + length > len(data):
+        raise IntegrityError(f"backup {backup}: object {name} is shorter than the manifest says")
+    view = memoryview(data)[offset : offset + length]
+    return ByteStream([bytes(view[i : i + (1 << 20)]) for i in range(0, length, 1 << 20)] if length else [])
+
+
+def merge_file(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]],
+               write: Callable[[bytes], object]) -> int:
+    """Stream-merge base + deltas (oldest first) into ``write``; returns the bytes written."""
+    bs = int(entry["block_size"])
+    size = int(entry["size"])
+    nblocks = size // bs
+    base_blocks = int(entry["base"]["size"]) // bs
+    iters = [read_delta(s, f"backup {d['backup']} delta of {entry['path']}") for s, d in deltas]
+    heads: list[tuple[int, bytes] | None] = [next(it, None) for it in iters]
+    blk = 0
+    written = 0
+    while blk < nblocks:
+        page = None
+        for i in range(len(heads) - 1, -1, -1):  # newest first
+            head = heads[i]
+            if head is not None and head[0] == blk:
+                if page is None:
+                    page = head[1]
+                heads[i] = next(iters[i], None)
+        if page is not None:
+            if blk < base_blocks:
+                base.read(bs)  # keep the base stream in step
+            write(page)
+            written += bs
+            blk += 1
+            continue
+        upto = min([h[0] for h in heads if h is not None] + [nblocks])
+        if upto > base_blocks:
+            raise IntegrityError(f"{entry['path']}: block {max(blk, base_blocks)} is in no backup of the chain")
+        while blk < upto:
+            n = min(upto - blk, READ_BLOCKS)
+            data = base.read(n * bs)
+            if len(data) != n * bs:
+                raise IntegrityError(f"{entry['path']}: base of backup {entry['base']['backup']} is truncated")
+            write(data)
+            written += len(data)
+            blk += n
+    base.drain()
+    for i, it in enumerate(iters):
+        if heads[i] is not None:
+            for _ in it:
+                pass
+    for s, d in [(base, entry["base"]), *((s, d) for s, d in deltas)]:
+        assert s.hash is not None
+        if s.hash.hexdigest() != d["sha256"]:
+            raise IntegrityError(f"{entry['path']}: {'delta' if d is not entry['base'] else 'base'} from backup "
+                                 f"{d['backup']} fails its SHA-256 check")
+    return written
+
+
+def restore_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], dest: str, open_lock: threading.Lock) -> int:
+    """Rebuild one file of a chain.  At most two storage streams are held at once (the base and the biggest
+    delta when they have objects of their own); everything else is read into memory first, so threads never
+    wait for a storage permit while holding more than one (the storage stack limits open streams)."""
+    base_ref = entry["base"]
+    base_len = int(base_ref.get("length", base_ref["size"]))
+    big = [d for d in entry["deltas"] if _own(d) and int(d["length"]) > STREAM_DELTA]
+    streamed = max(big, key=lambda d: int(d["length"])) if big else None
+    held = {id(d): slice_bytes(repo, cache, d, int(d["length"])) for d in entry["deltas"] if d is not streamed}
+    base = None if _own(base_ref) else slice_bytes(repo, cache, base_ref, base_len)
+    with open_lock:
+        if base is None:
+            base = ByteStream(repo.read_object(layout.object_key(base_ref["backup"], base_ref["object"])))
+        if streamed is not None:
+            held[id(streamed)] = ByteStream(repo.read_object(layout.object_key(streamed["backup"], streamed["object"])))
+    deltas = [(held[id(d)], d) for d in entry["deltas"]]
+    with open(dest, "wb") as out:
+        n = merge_file(entry, base, deltas, out.write)
+    os.chmod(dest, int(entry.get("mode", 0o600)) & 0o777 or 0o600)
+    if entry.get("mtime"):
+        os.utime(dest, (entry["mtime"], entry["mtime"]))
+    return n
+
+
+def file_matches(dest: str, entry: dict[str, Any]) -> bool:
+    """--delta: the file on disk has the size and SHA-256 the backup read."""
+    try:
+        st = os.stat(dest)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry["size"]:
+            return False
+        h = hashlib.sha256()
+        with open(dest, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return bool(h.hexdigest() == entry["sha256"])
+    except OSError:
+        return False

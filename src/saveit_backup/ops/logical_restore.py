@@ -27,6 +27,7 @@ from saveit_backup.ops.logical import (
 from saveit_backup.ops.progress import Progress
 from saveit_backup.ops.verify import verify_backup
 from saveit_backup.pg.conn import connect, describe_dsn, find_tool, split_password, tool_env, with_dbname
+from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 
@@ -150,7 +151,7 @@ def restore_logical(ctx: Context, req: RestoreRequest, progress: Progress) -> Re
         _pg_restore(ctx, manifest, entry, req, target, progress)
     finally:
         run_hook("post-restore", ctx.settings.restore_post_hook, manifest.id, target)
-    _compare_counts(report, expected, target)
+    _compare_counts(report, expected, target, req.jobs)
     return report
 
 
@@ -199,28 +200,40 @@ def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreReques
         with tempfile.TemporaryDirectory(prefix="saveit-restore-") as tmp:
             path = Path(tmp) / "archive.dump"
             with open(path, "wb") as out:
-                for chunk in stream:
+                for chunk in read_ahead(stream, depth=8):  # decode in a thread while this one writes
                     out.write(chunk)
             _run(args + ["-j", str(req.jobs), str(path)], env, None)
     else:
         _run(args, env, stream)
 
 
-def _compare_counts(report: RestoreReport, expected: list[Any], target: str) -> None:
-    conn = connect(target)
-    try:
-        from psycopg import sql
+def _compare_counts(report: RestoreReport, expected: list[Any], target: str, jobs: int = 2) -> None:
+    """Count the restored tables over ``jobs`` connections; a missing table counts as None (a mismatch)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-        for t in expected:
-            try:
-                query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(t.schema), sql.Identifier(t.name))
-                row = conn.execute(query).fetchone()
-                restored: int | None = int(row[0]) if row else None
-            except Exception:
-                restored = None
-            report.tables.append(TableComparison(t.qualified, t.rows, restored))
+    from psycopg import sql
+
+    local = threading.local()
+    opened: list[Any] = []
+
+    def count(t: Any) -> int | None:
+        if not hasattr(local, "conn"):
+            local.conn = connect(target)
+            opened.append(local.conn)
+        try:
+            query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(t.schema), sql.Identifier(t.name))
+            row = local.conn.execute(query).fetchone()
+            return int(row[0]) if row else None
+        except Exception:
+            return None
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for t, restored in zip(expected, pool.map(count, expected), strict=True):
+                report.tables.append(TableComparison(t.qualified, t.rows, restored))
     finally:
-        conn.close()
+        for conn in opened:
+            conn.close()
 
 
 def _run(cmd: list[str], env: dict[str, str], stdin_chunks: Iterable[bytes] | None) -> None:

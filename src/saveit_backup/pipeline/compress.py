@@ -13,7 +13,11 @@ from typing import Protocol
 from saveit_backup.errors import ConfigError, IntegrityError
 
 CODECS = ("zstd", "lz4", "gzip", "none")
-DEFAULT_LEVELS = {"zstd": 3, "lz4": 0, "gzip": 6, "none": 0}
+# zstd 1 with worker threads: same size as level 3 on database dumps measured here (bench/logical.py),
+# 40% less CPU and half the memory; levels >= 6 double the CPU for no gain.
+DEFAULT_LEVELS = {"zstd": 1, "lz4": 0, "gzip": 6, "none": 0}
+OUT_PIECE = 1 << 20
+DECODE_SLICE = 16 << 10  # feed decompressors in slices: one call's output stays small (bounded memory)
 
 
 class _Stream(Protocol):
@@ -58,10 +62,27 @@ def compress_stream(chunks: Iterable[bytes], codec: str, level: int | None = Non
     for chunk in chunks:
         out = comp.compress(chunk)
         if out:
+            yield from _pieces(out)
+    yield from _pieces(flush())
+
+
+def _pieces(out: bytes) -> Iterator[bytes]:
+    """zstd's worker threads hand back whole jobs (several MiB): pass them on in 1 MiB pieces."""
+    if len(out) <= OUT_PIECE:
+        if out:
             yield out
-    tail = flush()
-    if tail:
-        yield tail
+        return
+    view = memoryview(out)
+    for i in range(0, len(view), OUT_PIECE):
+        yield bytes(view[i : i + OUT_PIECE])
+
+
+def _slices(chunks: Iterable[bytes]) -> Iterator[memoryview]:
+    """A compressed chunk can expand a hundredfold in one call: hand decompressors small slices."""
+    for chunk in chunks:
+        view = memoryview(chunk)
+        for i in range(0, len(view), DECODE_SLICE):
+            yield view[i : i + DECODE_SLICE]
 
 
 def decompress_stream(chunks: Iterable[bytes], codec: str) -> Iterator[bytes]:
@@ -73,7 +94,7 @@ def decompress_stream(chunks: Iterable[bytes], codec: str) -> Iterator[bytes]:
             import zstandard
 
             zd = zstandard.ZstdDecompressor().decompressobj()
-            for chunk in chunks:
+            for chunk in _slices(chunks):
                 out = zd.decompress(chunk)
                 if out:
                     yield out
@@ -83,7 +104,7 @@ def decompress_stream(chunks: Iterable[bytes], codec: str) -> Iterator[bytes]:
             import lz4.frame
 
             ld = lz4.frame.LZ4FrameDecompressor()
-            for chunk in chunks:
+            for chunk in _slices(chunks):
                 out = ld.decompress(chunk)
                 if out:
                     yield out
@@ -91,7 +112,7 @@ def decompress_stream(chunks: Iterable[bytes], codec: str) -> Iterator[bytes]:
                 raise IntegrityError("compressed stream is truncated (lz4 frame incomplete)")
         elif codec == "gzip":
             gd = zlib.decompressobj(31)
-            for chunk in chunks:
+            for chunk in _slices(chunks):
                 out = gd.decompress(chunk)
                 if out:
                     yield out

@@ -2,8 +2,8 @@
 
 * ``full``: a physical full backup where one is configured (BACKUP_PGDATA, or
   BACKUP_PHYSICAL_MODE local/remote) and available in this build; otherwise a logical backup.
-* ``incremental``: a physical incremental backup where available; until then the same as
-  ``full`` (said in the log each time).
+* ``incremental``: a block-level incremental in local mode (BACKUP_PGDATA); skipped in remote
+  mode (WAL archiving keeps the RPO); a logical backup when no physical backup is configured.
 * ``logical``: a logical backup of the configured database.
 * ``verify``: re-read the newest backup (raises IntegrityError when damaged).
 * ``restore_test``: restore the newest logical backup into a scratch database (ops.restore_test).
@@ -67,13 +67,20 @@ def job_full(ctx: Context) -> Manifest:
     return job_logical(ctx)
 
 
-def job_incremental(ctx: Context) -> Manifest:
+def job_incremental(ctx: Context) -> JobResult:
+    s = ctx.settings
+    if s.physical_mode == "remote" and not s.pgdata:
+        # Block-level incrementals read the data directory; remote ones need PostgreSQL 17's
+        # pg_basebackup --incremental. Continuous WAL archiving covers the hour meanwhile.
+        log.info("incremental backups need local mode (BACKUP_PGDATA): skipped; WAL archiving keeps the RPO")
+        return {"skipped": "incremental backups need local mode (BACKUP_PGDATA)"}
     if physical_configured(ctx):
         manifest = _physical(ctx, "incr")
         if manifest is not None:
             return manifest
-    log.warning("incremental backups are not available yet: the incremental job takes the same backup as the full job")
-    return job_full(ctx)
+    log.warning("no physical backup configured (BACKUP_PGDATA / BACKUP_PHYSICAL_MODE): the incremental job takes a "
+                "logical backup")
+    return job_logical(ctx)
 
 
 def _nothing_yet(ctx: Context, kind: str | None) -> dict[str, Any] | None:

@@ -118,7 +118,8 @@ def push_file(repo: Repository, path: str, options: EncodeOptions | None = None,
     try:
         if kind is WalFileKind.SEGMENT:
             check_file(path, name, fd)
-        opts = replace(options or repo.write_options(), hash=False)  # the digest is only needed on a name clash
+        # The digest is only needed on a name clash; one segment is too small to be worth zstd worker threads.
+        opts = replace(options or repo.write_options(), hash=False, threads=0)
         # A writer that cannot decrypt (public keys only) records the hash in the header to compare later.
         known = _file_sha256(fd) if opts.encrypt and not repo.keyring.can_read else None
         digest = Digest()

@@ -214,3 +214,40 @@ def test_timelines_promote_write_and_recover_latest(env: Env) -> None:
         assert isinstance(reached, dict) and reached["timeline"] == 3
     finally:
         stop(r3)
+
+
+def test_service_schedules_physical_full_and_incremental(env: Env) -> None:
+    """`serve` with BACKUP_PGDATA: the full and incremental jobs take physical backups (issue 5 grows with them)."""
+    import signal
+    import time
+    import urllib.request
+
+    from saveit_backup.pg.cluster import free_port as port
+
+    before = {b["id"] for b in json.loads(env.cli("--json", "list").stdout)["backups"]}
+    http = port()
+    serve_env = {**env.cli.env, "BACKUP_PGDATA": str(env.cluster.datadir), "BACKUP_SCHEDULE_FULL": "*/12 * * * * *",
+                 "BACKUP_SCHEDULE_INCREMENTAL": "*/5 * * * * *", "BACKUP_SCHEDULE_LOGICAL": "", "BACKUP_SCHEDULE_VERIFY": "",
+                 "BACKUP_SCHEDULE_RESTORE_TEST": "", "BACKUP_HTTP_PORT": str(http)}
+    proc = subprocess.Popen([CLI, "serve", "--refresh", "1"], env=serve_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        kinds: set[str] = set()
+        while time.monotonic() < deadline and not {"full", "incr"} <= kinds:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            time.sleep(2)
+            listed = json.loads(env.cli("--json", "list").stdout)["backups"]
+            kinds = {b["type"] for b in listed if b["id"] not in before}
+        assert {"full", "incr"} <= kinds, kinds
+        time.sleep(2)  # one metrics refresh
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert 'saveit_backup_last_success_timestamp_seconds{type="incr"}' in metrics
+        assert 'saveit_backup_last_success_timestamp_seconds{type="full"}' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    new = [b for b in json.loads(env.cli("--json", "list").stdout)["backups"] if b["id"] not in before]
+    assert all(b["status"] == "ok" for b in new)
+    incr = [b for b in new if b["type"] == "incr"]
+    assert incr and incr[0]["parent"] is not None

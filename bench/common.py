@@ -275,7 +275,7 @@ def markdown_table(results: Mapping[str, Result], peer: str, metrics: Sequence[M
     head += ["Peak RSS, tree (MB)", "Peak RSS, main process (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in results.values():
-        row = [r.contender.name.replace("|", "\\|"), f"{r.wall:.2f}", _ratio(r.wall, p.wall), f"{r.cpu:.2f}"]
+        row = [re.sub(r"(?<!\\)\|", r"\\|", r.contender.name), f"{r.wall:.2f}", _ratio(r.wall, p.wall), f"{r.cpu:.2f}"]
         for m in metrics:
             v = r.metric(m.key)
             row.append("-" if v is None else f"{v / m.scale:,.{m.digits}f}")

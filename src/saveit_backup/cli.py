@@ -14,20 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from saveit_backup.errors import SaveitError
+from saveit_backup.units import human_bytes
 
 if TYPE_CHECKING:
     from saveit_backup.compose import Context
 
 log = logging.getLogger("saveit_backup")
 Handler = Callable[[argparse.Namespace, "Context"], int]
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
@@ -56,7 +49,7 @@ def cmd_backup(args: argparse.Namespace, ctx: Context) -> int:
         manifest = backup_logical(ctx, selection, _progress(args))
     _emit(args, manifest.to_dict(),
           f"backup {manifest.id} ({manifest.type}) committed: {len(manifest.objects)} objects, "
-          f"{_human_bytes(manifest.plain_bytes)} read, {_human_bytes(manifest.stored_bytes)} stored, "
+          f"{human_bytes(manifest.plain_bytes)} read, {human_bytes(manifest.stored_bytes)} stored, "
           f"{manifest.duration_seconds:.1f} s, encryption {manifest.encryption}")
     return 0
 
@@ -81,7 +74,7 @@ def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
         print(header)
         for r in rows:
             print(f"{r['id']:<18} {r['type']:<8} {r['started'][:19].replace('T', ' '):<20} {r['duration_seconds']:>8.1f}s "
-                  f"{_human_bytes(r['stored_bytes']):>11} {r['database'][:16]:<16} {r['status']}")
+                  f"{human_bytes(r['stored_bytes']):>11} {r['database'][:16]:<16} {r['status']}")
     return 0
 
 
@@ -94,7 +87,7 @@ def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     print(f"backup {m.id}: {m.type}, database {m.database}, PostgreSQL {m.pg_version}, environment {m.environment or '-'}")
     print(f"  started {m.started}, finished {m.finished} ({m.duration_seconds:.1f} s), encryption {m.encryption}")
-    print(f"  {_human_bytes(m.plain_bytes)} read, {_human_bytes(m.stored_bytes)} stored, manifest checksum "
+    print(f"  {human_bytes(m.plain_bytes)} read, {human_bytes(m.stored_bytes)} stored, manifest checksum "
           f"{'ok' if m.checksum_ok else 'MISMATCH'}")
     if m.parent:
         print(f"  depends on {m.parent}")

@@ -253,16 +253,7 @@ class Writer:
     def _unchanged(self, dest: Path, entry: dict[str, Any]) -> bool:
         if not self.delta:
             return False
-        try:
-            if dest.stat().st_size != entry["size"]:
-                return False
-            h = hashlib.sha256()
-            with open(dest, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            return bool(h.hexdigest() == entry["sha256"])
-        except OSError:
-            return False
+        return incremental.file_matches(str(dest), entry)
 
     def _write(self, entry: dict[str, Any], chunks: Iterable[bytes]) -> None:
         dest = self.dest(entry["path"])

@@ -31,6 +31,7 @@ from saveit_backup.config import Settings
 from saveit_backup.domain.manifest import Manifest, iso, utcnow
 from saveit_backup.errors import NotFound, SaveitError
 from saveit_backup.repo import layout
+from saveit_backup.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -209,14 +210,6 @@ def build_status(facts: Facts, settings: Settings, now: datetime, service: Mappi
     }
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def human_age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -233,7 +226,7 @@ def human_age(seconds: float | None) -> str:
 def render_text(status: Mapping[str, Any]) -> str:
     """The human form of the status report (``saveit-backup status``)."""
     lines = [f"repository {status['repository']}: {status['backup_count']} backup(s), "
-             f"{_human_bytes(status['repository_size_bytes'])}"
+             f"{human_bytes(status['repository_size_bytes'])}"
              + ("" if status["enabled"] else "  [scheduled backups DISABLED: BACKUP_ENABLED=false]")]
     if status.get("repository_error"):
         lines.append(f"  repository error: {status['repository_error'].get('code')} {status['repository_error'].get('message')}")
@@ -241,7 +234,7 @@ def render_text(status: Mapping[str, Any]) -> str:
     if not status["backups"]:
         lines.append("  none")
     for kind, b in status["backups"].items():
-        lines.append(f"  {kind:<8} {b['id']:<18} age {human_age(b['age_seconds']):>8}  size {_human_bytes(b['stored_bytes'])}"
+        lines.append(f"  {kind:<8} {b['id']:<18} age {human_age(b['age_seconds']):>8}  size {human_bytes(b['stored_bytes'])}"
                      f"  ({b['duration_seconds']:.1f} s)")
     wal = status["wal"]
     lines.append(f"WAL archive: {wal['segments']} file(s), newest {wal['newest'] or '-'}, lag {human_age(wal['lag_seconds'])}")

@@ -27,9 +27,10 @@ In the same run, interleaved round-robin (``bench/common.py``), medians over ``-
   The driver is a child subreaper, so detached async workers stay in the measured process tree.
 * cold start: ``--coldstart-runs`` single pushes of one segment for each tool, alternating.
 
-Every saveit-backup run gets ``PYTHONPYCACHEPREFIX`` (a directory of this run), so bytecode is compiled
-once, as an installed wheel would have it (the checkout belongs to root; postgres cannot write
-``__pycache__``).  Server processes (server-side compression) are not counted in CPU or RSS.
+Started as root, the harness compiles the package's bytecode first, as an installed wheel would
+have it (the checkout belongs to root; postgres cannot write ``__pycache__``; a PYTHONPYCACHEPREFIX
+would also recompile the standard library and slow every start-up).
+Server processes (server-side compression) are not counted in CPU or RSS.
 The markdown goes to ``--out`` (default /var/tmp/saveit-bench-physical.md; the checkout is not
 writable by postgres); ``--docs FILE`` replaces the section in that file instead.
 """
@@ -142,7 +143,7 @@ class Bench:
     def saveit_env(self, repo: Path, codec: str = "zstd", encrypted: bool = False, **extra: str) -> dict[str, str]:
         env = clean_env(BACKUP_REPOSITORY=f"file://{repo}", BACKUP_COMPRESSION=codec, BACKUP_JOBS="2",
                         PGHOST=self.cluster.host, PGPORT=str(self.cluster.port), PGDATABASE="postgres",
-                        BACKUP_PG_BINDIR=self.cluster.bindir, PYTHONPYCACHEPREFIX=str(self.pycache), **extra)
+                        BACKUP_PG_BINDIR=self.cluster.bindir, **extra)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         if codec == "zstd":
             env["BACKUP_COMPRESSION_LEVEL"] = "3"
@@ -171,7 +172,7 @@ class Bench:
         (self.base / "plain.toml").write_text(f'repository = "file://{self.repo_plain}"\njobs = 2\n')
         (self.base / "enc.toml").write_text(f'repository = "file://{self.repo_enc}"\nencryption_passphrase = "{PASSPHRASE}"\n')
         script = self.base / "archive-pgbackrest-saveit.sh"  # pgBackRest insists on "pgbackrest" in it
-        pyc = f"PYTHONPYCACHEPREFIX={self.pycache}"
+        pyc = ""  # bytecode is compiled up front (reexec_as_postgres); a cache prefix would recompile the stdlib too
         script.write_text(
             "#!/bin/bash\nunset PYTHONDONTWRITEBYTECODE\n"
             f"{' '.join(self.pgbr('archive-push'))} \"$1\" & a=$!\n"

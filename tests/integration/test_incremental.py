@@ -9,16 +9,14 @@ content.  The first ``--type incr`` has no reference and must fall back to a ful
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from saveit_backup.pg.cluster import Cluster, free_port
-from tests.fixtures.pg import CLI, Cli
+from saveit_backup.pg.cluster import Cluster
+from tests.fixtures.pg import Cli, archiving_cluster, stop_clusters
 from tests.integration.test_physical import invariant, pgbench, recovered, stop, wait_archived
 
 pytestmark = pytest.mark.pg
@@ -48,28 +46,13 @@ def transactions(c: Cluster, count: int) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    if os.geteuid() == 0:
-        pytest.fail("run the tests as the postgres OS user")
     base = tmp_path_factory.mktemp("incr")
-    repo = base / "repo"
-    cfg = base / "saveit.toml"
-    cfg.write_text(f'repository = "file://{repo}"\n')
-    cluster = Cluster(base / "data", free_port(), socket_dir=base)
-    command = f"BACKUP_CONFIG={cfg} {CLI} wal-push %p"
-    cluster.initdb(extra_conf={"archive_mode": "on", "archive_command": f"'{command}'", "checkpoint_timeout": "'30min'"})
-    cluster.start()
-    subprocess.run([cluster.tool("pgbench"), "-h", cluster.host, "-p", str(cluster.port), "-i", "-s", str(SCALE), "-q", "postgres"],
-                   check=True, capture_output=True)
+    cluster, _repo, cli = archiving_cluster(base, SCALE)
     cluster.psql("CREATE TABLE small (id int PRIMARY KEY, v text);"
                  " INSERT INTO small SELECT g, md5(g::text) FROM generate_series(1, 2000) g;"
                  " CREATE TABLE dropme AS SELECT g FROM generate_series(1, 50000) g")
-    cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "AWS_", "PG", "DATABASE_URL"))}
-    cli_env.update(BACKUP_REPOSITORY=f"file://{repo}", PGHOST=cluster.host, PGPORT=str(cluster.port), PGDATABASE="postgres",
-                   BACKUP_PG_BINDIR=cluster.bindir)
-    yield Env(cluster, base, Cli(cli_env))
-    for d in [*sorted(base.glob("r_*")), cluster.datadir]:
-        if (d / "postmaster.pid").exists():
-            subprocess.run([cluster.tool("pg_ctl"), "-D", str(d), "-m", "immediate", "stop"], capture_output=True, check=False)
+    yield Env(cluster, base, cli)
+    stop_clusters(base, cluster)
 
 
 def backup(env: Env, name: str, kind: str) -> dict[str, object]:

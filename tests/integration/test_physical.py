@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from saveit_backup.pg.cluster import Cluster, free_port
-from tests.fixtures.pg import CLI, Cli
+from saveit_backup.pg.cluster import Cluster
+from tests.fixtures.pg import CLI, Cli, archiving_cluster, stop_clusters
 
 pytestmark = pytest.mark.pg
 
@@ -92,25 +92,10 @@ def restore(env: Env, name: str, *args: str) -> tuple[Cluster, dict[str, object]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    if os.geteuid() == 0:
-        pytest.fail("run the tests as the postgres OS user")
     base = tmp_path_factory.mktemp("phys")
-    repo = base / "repo"
-    cfg = base / "saveit.toml"
-    cfg.write_text(f'repository = "file://{repo}"\n')
-    cluster = Cluster(base / "data", free_port(), socket_dir=base)
-    command = f"BACKUP_CONFIG={cfg} {CLI} wal-push %p"
-    cluster.initdb(extra_conf={"archive_mode": "on", "archive_command": f"'{command}'", "checkpoint_timeout": "'30min'"})
-    cluster.start()
-    subprocess.run([cluster.tool("pgbench"), "-h", cluster.host, "-p", str(cluster.port), "-i", "-s", str(SCALE), "-q", "postgres"],
-                   check=True, capture_output=True)
-    cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "AWS_", "PG", "DATABASE_URL"))}
-    cli_env.update(BACKUP_REPOSITORY=f"file://{repo}", PGHOST=cluster.host, PGPORT=str(cluster.port), PGDATABASE="postgres",
-                   BACKUP_PG_BINDIR=cluster.bindir)
-    yield Env(cluster, base, repo, Cli(cli_env), {}, {})
-    for d in [*sorted(base.glob("r_*")), cluster.datadir]:
-        if (d / "postmaster.pid").exists():
-            subprocess.run([cluster.tool("pg_ctl"), "-D", str(d), "-m", "immediate", "stop"], capture_output=True, check=False)
+    cluster, repo, cli = archiving_cluster(base, SCALE)
+    yield Env(cluster, base, repo, cli, {}, {})
+    stop_clusters(base, cluster)
 
 
 def stop(c: Cluster) -> None:

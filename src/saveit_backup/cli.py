@@ -339,17 +339,9 @@ EXTRA_COMMAND_MODULES = ("saveit_backup.cli_physical", "saveit_backup.cli_wal", 
 
 
 def _setup_logging(args: argparse.Namespace, fmt: str) -> None:
-    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        from saveit_backup.logs import JsonFormatter
+    from saveit_backup.logs import setup
 
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ"))
-    root = logging.getLogger("saveit_backup")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    setup(fmt, logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

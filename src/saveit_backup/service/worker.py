@@ -103,16 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _setup_logging(fmt: str, verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        from saveit_backup.logs import JsonFormatter
+    from saveit_backup.logs import setup
 
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [job] %(message)s", "%Y-%m-%dT%H:%M:%SZ"))
-    root = logging.getLogger("saveit_backup")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    setup(fmt, logging.DEBUG if verbose else logging.INFO, "[job] ")
 
 
 if __name__ == "__main__":

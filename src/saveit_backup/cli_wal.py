@@ -1,8 +1,10 @@
 """WAL commands: wal-push, wal-fetch (archive/restore_command), wal-receive, async worker and status.
 
-``cli.main`` sends ``wal-push`` and ``wal-fetch`` straight to ``fast_main`` before building the
-full parser, so PostgreSQL's archive/restore commands start fast.  Both routes run the same
-``run_push`` / ``run_fetch``.  Handlers import their dependencies when they run.
+The console entry point (``entry.main``) sends ``wal-push`` and ``wal-fetch`` straight to
+``fast_main``, which parses their few options by hand (argparse only for help and errors) and
+loads ``logging`` only with ``--verbose``: PostgreSQL starts one process per WAL file, so every
+import counts.  Both routes run the same ``run_push`` / ``run_fetch``.  Handlers import their
+dependencies when they run.
 
     archive_command = 'saveit-backup wal-push %p'            (add --async for the background worker)
     restore_command = 'saveit-backup wal-fetch %f %p'
@@ -13,21 +15,21 @@ wal-fetch exit statuses: 0 fetched, 1 not in the archive, otherwise the error's 
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
-import traceback
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from saveit_backup.errors import SaveitError, WalNotFound
 
 if TYPE_CHECKING:
+    import argparse
+
     from saveit_backup.compose import Context
     from saveit_backup.config import Settings
 
-log = logging.getLogger("saveit_backup.wal")
+    Args = argparse.Namespace | SimpleNamespace
 
 UNEXPECTED_STATUS = 70  # a bug, not "not found": must never be 1 for restore_command
 ABORT_STATUS = 255  # > 125: PostgreSQL aborts recovery rather than treating the file as missing
@@ -84,7 +86,7 @@ def register(sub: Any) -> None:
 
 
 # --- shared bodies ------------------------------------------------------------------------
-def _settings(args: argparse.Namespace, ctx: Context | None) -> Settings:
+def _settings(args: Args, ctx: Context | None) -> Settings:
     if ctx is not None and not (args.wal_config or args.wal_repo):
         return ctx.settings
     from saveit_backup import config
@@ -93,27 +95,27 @@ def _settings(args: argparse.Namespace, ctx: Context | None) -> Settings:
                        config_file=args.wal_config or getattr(args, "config", None))
 
 
-def run_push(args: argparse.Namespace, ctx: Context | None) -> int:
+def run_push(args: Args, ctx: Context | None) -> int:
     settings = _settings(args, ctx)
     _log_format(settings)
     use_async = settings.archive_async if args.async_ is None else args.async_
     if use_async:
-        from saveit_backup.ops.wal_async import push_async
+        from saveit_backup.ops.wal_spool import push_async
 
         outcome = push_async(settings, args.path, args.timeout, {"repository": args.wal_repo or getattr(args, "repo", None)},
                              args.wal_config or getattr(args, "config", None))
-        log.info("%s: %s (async)", os.path.basename(args.path), outcome)
+        _info("%s: %s (async)", os.path.basename(args.path), outcome)
         return 0
     from saveit_backup.ops.wal_push import clean_prefetch, open_repo, push_file
 
     result = push_file(open_repo(settings), args.path)
-    log.info("%s: %s, %d -> %d bytes, %.0f ms", result.name, result.status, result.plain_size, result.stored_size,
+    _info("%s: %s, %d -> %d bytes, %.0f ms", result.name, result.status, result.plain_size, result.stored_size,
              result.seconds * 1000)
     clean_prefetch(os.path.dirname(os.path.abspath(args.path)))
     return 0
 
 
-def run_fetch(args: argparse.Namespace, ctx: Context | None) -> int:
+def run_fetch(args: Args, ctx: Context | None) -> int:
     """Never exits 1 except for 'not in the archive'."""
     try:
         from saveit_backup.ops.wal_fetch import fetch, take_cached
@@ -125,15 +127,17 @@ def run_fetch(args: argparse.Namespace, ctx: Context | None) -> int:
         from saveit_backup.ops.wal_push import open_repo
 
         result = fetch(open_repo(settings), args.name, args.dest, args.prefetch)
-        log.info("%s: from %s, %d prefetched", result.name, result.source, result.prefetched)
+        _info("%s: from %s, %d prefetched", result.name, result.source, result.prefetched)
         return 0
     except WalNotFound as exc:
-        log.info("%s", exc.message)
+        _info("%s", exc.message)
         return exc.exit_status
     except SaveitError as exc:
         print(f"saveit-backup: error {exc}", file=sys.stderr)
         return ABORT_STATUS if args.abort_on_error else (exc.exit_status if exc.exit_status != 1 else UNEXPECTED_STATUS)
     except Exception:
+        import traceback
+
         traceback.print_exc()
         return ABORT_STATUS if args.abort_on_error else UNEXPECTED_STATUS
 
@@ -182,26 +186,99 @@ def cmd_wal_async_status(args: argparse.Namespace, ctx: Context) -> int:
 
 
 # --- fast path ------------------------------------------------------------------------------
+def _info(msg: str, *args: object) -> None:
+    """An INFO line if logging is in use (the CLI, or --verbose); otherwise nobody would show it."""
+    if "logging" in sys.modules:
+        import logging
+
+        logging.getLogger("saveit_backup.wal").info(msg, *args)
+
+
 def _log_format(settings: Settings) -> None:
-    if settings.log_format == "json":
+    if settings.log_format == "json" and "logging" in sys.modules:
+        import logging
+
         from saveit_backup.logs import JsonFormatter
 
         for handler in logging.getLogger("saveit_backup").handlers:
             handler.setFormatter(JsonFormatter())
 
 
-def fast_main(argv: Sequence[str]) -> int:
-    """``wal-push`` / ``wal-fetch`` without building the full parser or loading other commands."""
+# option -> (attribute, takes a value, converter); what _quick_args cannot parse goes to argparse
+_OPTIONS: dict[str, dict[str, tuple[str, bool, Any]]] = {
+    "wal-push": {"--async": ("async_", False, True), "--timeout": ("timeout", True, float)},
+    "wal-fetch": {"--prefetch": ("prefetch", True, int), "--abort-on-error": ("abort_on_error", False, True)},
+}
+_COMMON = {"--config": ("wal_config", True, str), "--repo": ("wal_repo", True, str),
+           "--verbose": ("wal_verbose", False, True), "-v": ("wal_verbose", False, True)}
+_DEFAULTS: dict[str, dict[str, Any]] = {"wal-push": {"async_": None, "timeout": 60.0},
+                                        "wal-fetch": {"prefetch": 8, "abort_on_error": False}}
+_POSITIONAL = {"wal-push": ("path",), "wal-fetch": ("name", "dest")}
+
+
+def _quick_args(argv: Sequence[str]) -> SimpleNamespace | None:
+    """Parse ``wal-push``/``wal-fetch`` arguments as argparse would; None for anything else (help, errors)."""
+    command, rest = argv[0], list(argv[1:])
+    options = {**_OPTIONS[command], **_COMMON}
+    values: dict[str, Any] = {"command": command, "wal_config": None, "wal_repo": None, "wal_verbose": False,
+                              **_DEFAULTS[command]}
+    positional: list[str] = []
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            positional += rest
+            break
+        if not arg.startswith("-") or arg == "-":
+            positional.append(arg)
+            continue
+        flag, eq, inline = arg.partition("=")
+        spec = options.get(flag)
+        if spec is None:
+            return None
+        attr, takes_value, convert = spec
+        if not takes_value:
+            if eq:
+                return None
+            values[attr] = convert
+            continue
+        if not eq:
+            if not rest:
+                return None
+            inline = rest.pop(0)
+        try:
+            values[attr] = convert(inline)
+        except ValueError:
+            return None
+    names = _POSITIONAL[command]
+    if len(positional) != len(names):
+        return None
+    values.update(zip(names, positional, strict=True))
+    return SimpleNamespace(**values)
+
+
+def _parse_with_argparse(argv: Sequence[str]) -> argparse.Namespace:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="saveit-backup")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_push(sub)
     _add_fetch(sub)
-    args = parser.parse_args(list(argv))
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ"))
-    root = logging.getLogger("saveit_backup")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if args.wal_verbose else logging.WARNING)
+    return parser.parse_args(list(argv))
+
+
+def fast_main(argv: Sequence[str]) -> int:
+    """``wal-push`` / ``wal-fetch`` without the full parser or other commands' imports."""
+    args: Args | None = _quick_args(argv)
+    if args is None:
+        args = _parse_with_argparse(argv)
+    if args.wal_verbose:
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ"))
+        root = logging.getLogger("saveit_backup")
+        root.handlers[:] = [handler]
+        root.setLevel(logging.INFO)
     if args.command == "wal-fetch":
         return run_fetch(args, None)
     try:

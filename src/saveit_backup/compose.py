@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -54,11 +53,11 @@ def encode_options(settings: Settings) -> EncodeOptions:
     return EncodeOptions(settings.compression, level, settings.compression_threads)
 
 
-@dataclass
 class Context:
     """What a command needs, built lazily from settings."""
 
-    settings: Settings
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
     @cached_property
     def storage(self) -> Storage:

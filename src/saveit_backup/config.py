@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from saveit_backup.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     name: str
     env: tuple[str, ...]
     kind: type
@@ -81,16 +78,22 @@ FALSE = {"0", "false", "no", "off", ""}
 
 
 def default_repository() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return f"file://{base}/saveit-backup/repository"
 
 
-@dataclass(frozen=True)
 class Settings:
-    values: Mapping[str, Any]
-    sources: Mapping[str, str]
+    """Resolved values (``settings.<field name>``) and where each came from."""
+
+    __slots__ = ("sources", "values")
+
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+        self.values = values
+        self.sources = sources
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in Settings.__slots__:  # not a setting (e.g. pickle probing a half-built copy)
+            raise AttributeError(name)
         try:
             return self.values[name]
         except KeyError:
@@ -155,7 +158,8 @@ def load(cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None
         import tomllib
 
         try:
-            data = tomllib.loads(Path(path).read_text())
+            with open(path, encoding="utf-8") as fh:
+                data = tomllib.loads(fh.read())
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:

@@ -360,9 +360,9 @@ def test_s3_options() -> None:
 
 def test_registry(tmp_path: Path) -> None:
     local = open_storage(f"file://{tmp_path}/r1")
-    assert isinstance(local, LocalStorage) and local.root == tmp_path / "r1"
+    assert isinstance(local, LocalStorage) and local.root == str(tmp_path / "r1")
     plain = open_storage(str(tmp_path / "r2"))
-    assert isinstance(plain, LocalStorage) and plain.root == tmp_path / "r2"
+    assert isinstance(plain, LocalStorage) and plain.root == str(tmp_path / "r2")
     assert open_storage("memory://shared") is open_storage("memory://shared")
     assert open_storage("memory://one") is not open_storage("memory://two")
     remote = open_storage("s3://my-bucket/some/prefix/", S3Options(endpoint_url="http://127.0.0.1:1"))

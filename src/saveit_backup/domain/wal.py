@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
 from typing import NamedTuple, TypedDict, overload
@@ -33,17 +32,45 @@ MAX_TIMELINE = 0xFFFF_FFFF
 _LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 
 
-@dataclass(frozen=True, order=True, slots=True)
 class Lsn:
-    """A WAL location (``pg_lsn``): a 64-bit byte position, shown as ``16/B374D848``."""
+    """A WAL location (``pg_lsn``): a 64-bit byte position, shown as ``16/B374D848``. Immutable, ordered, hashable.
 
+    A plain class rather than a dataclass: this module is on wal-push's cold-start path.
+    """
+
+    __slots__ = ("value",)
     value: int
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.value, int) or isinstance(self.value, bool):
-            raise TypeError(f"LSN value must be an int, not {type(self.value).__name__}")
-        if not 0 <= self.value <= MAX_LSN:
-            raise ValueError(f"LSN {self.value} is outside 0..2^64-1")
+    def __init__(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"LSN value must be an int, not {type(value).__name__}")
+        if not 0 <= value <= MAX_LSN:
+            raise ValueError(f"LSN {value} is outside 0..2^64-1")
+        object.__setattr__(self, "value", value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Lsn is immutable")
+
+    def __reduce__(self) -> tuple[type[Lsn], tuple[int]]:
+        return (Lsn, (self.value,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Lsn) and self.value == other.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __lt__(self, other: Lsn) -> bool:
+        return self.value < other.value
+
+    def __le__(self, other: Lsn) -> bool:
+        return self.value <= other.value
+
+    def __gt__(self, other: Lsn) -> bool:
+        return self.value > other.value
+
+    def __ge__(self, other: Lsn) -> bool:
+        return self.value >= other.value
 
     @classmethod
     def parse(cls, text: str) -> Lsn:
@@ -190,8 +217,7 @@ class WalFileKind(StrEnum):
     INVALID = "invalid"
 
 
-@dataclass(frozen=True)
-class ArchiveFile:
+class ArchiveFile(NamedTuple):
     """A classified archive file name. ``segment`` is the 24-character segment part (None for history files)."""
 
     name: str
@@ -311,8 +337,7 @@ def timeline_of_segment(segno: int, target_tli: int, history: Sequence[TimelineS
     return tli
 
 
-@dataclass(frozen=True)
-class WalChain:
+class WalChain(NamedTuple):
     """Result of :func:`check_wal_continuity`.
 
     ``segments`` is the expected chain, from the backup's start segment to the newest archived segment on
@@ -325,7 +350,7 @@ class WalChain:
     switches: list[TimelineSwitch]
     target_tli: int
     newest_archived: str | None = None
-    ignored: list[str] = field(default_factory=list)
+    ignored: tuple[str, ...] | list[str] = ()
 
     @property
     def first_gap(self) -> str | None:
@@ -443,8 +468,7 @@ XLOG_PAGE_MAGIC_VERSIONS: dict[int, int] = {
 }
 
 
-@dataclass(frozen=True)
-class WalPageHeader:
+class WalPageHeader(NamedTuple):
     """The long page header at the start of every WAL segment file."""
 
     magic: int

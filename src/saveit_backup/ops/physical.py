@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from saveit_backup import __version__
@@ -316,7 +316,7 @@ def wait_for_wal(repo: Repository, names: list[str], timeout: float) -> None:
 
 def copy_wal(repo: Repository, bid: str, names: list[str], options: EncodeOptions, jobs: int) -> list[ObjectEntry]:
     """Copy archived segments into the backup (decoded and re-encoded: this also proves them readable)."""
-    opts = replace(options, threads=0)
+    opts = options._replace(threads=0)
 
     def one(name: str) -> ObjectEntry:
         obj = f"wal/{name}"
@@ -536,7 +536,7 @@ def _remote(ctx: Context, repo: Repository, conn: Any, facts: ServerFacts, contr
     if base_dsn:
         cmd += ["-d", base_dsn]
     name = "base.tar.zst" if compress else "base.tar"
-    store = replace(options, codec="none") if compress else options
+    store = options._replace(codec="none") if compress else options
     tli_before = int(conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0])
     known = _backup_history_names(repo, tli_before)
     proc = _Process(cmd, tool_env(pw_env), "pg_basebackup")

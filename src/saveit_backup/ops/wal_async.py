@@ -27,7 +27,6 @@ pgBackRest's ``archive-push-queue-max``.  Unset (0) means never drop.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,11 +34,12 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from saveit_backup import errors
-from saveit_backup.errors import SaveitError, TransientStorageError
+from saveit_backup.errors import SaveitError
+from saveit_backup.ops.wal_spool import DROPPED, Spool, unlink_missing_ok, write_atomic
+
+__all__ = ["DROPPED", "Spool", "Worker", "status", "worker_main"]
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -51,189 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("saveit_backup.wal")
 
-DEFAULT_TIMEOUT = 60.0
 DEFAULT_IDLE_EXIT = 30.0
 ERROR_RETRY_SECONDS = 5.0
-LOG_ROTATE_BYTES = 10 << 20
-DROPPED = "dropped"
-
-
-def _fcntl() -> Any:
-    import fcntl
-
-    return fcntl
-
-
-@dataclass(frozen=True)
-class Spool:
-    root: str
-
-    @classmethod
-    def for_cluster(cls, settings: Settings, pg_wal: str) -> Spool:
-        if settings.spool_dir:
-            return cls(os.path.abspath(settings.spool_dir))
-        digest = hashlib.sha256(os.path.realpath(pg_wal).encode()).hexdigest()[:12]
-        return cls(f"/var/tmp/saveit-spool-{digest}")
-
-    @property
-    def requests(self) -> str:
-        return os.path.join(self.root, "in")
-
-    @property
-    def status(self) -> str:
-        return os.path.join(self.root, "status")
-
-    def ok(self, name: str) -> str:
-        return os.path.join(self.status, f"{name}.ok")
-
-    def error(self, name: str) -> str:
-        return os.path.join(self.status, f"{name}.error")
-
-    def request(self, name: str) -> str:
-        return os.path.join(self.requests, name)
-
-    @property
-    def lock_path(self) -> str:
-        return os.path.join(self.root, "worker.lock")
-
-    @property
-    def pid_path(self) -> str:
-        return os.path.join(self.root, "worker.pid")
-
-    @property
-    def log_path(self) -> str:
-        return os.path.join(self.root, "worker.log")
-
-    @property
-    def dropped_path(self) -> str:
-        return os.path.join(self.root, "dropped_total")
-
-    def create(self) -> None:
-        for d in (self.root, self.requests, self.status):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-
-    def dropped_total(self) -> int:
-        try:
-            with open(self.dropped_path) as f:
-                return int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
-    def worker_running(self) -> bool:
-        """True while some process holds the worker lock."""
-        fcntl = _fcntl()
-        try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)  # closing releases a lock we may have taken
-        return False
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-# --- client: wal-push --async -----------------------------------------------------------
-def push_async(settings: Settings, path: str, timeout: float = DEFAULT_TIMEOUT,
-               cli_values: dict[str, Any] | None = None, config_file: str | None = None) -> str:
-    """Return "pushed" or "dropped" once the worker has handled ``path``; raise its error otherwise."""
-    from saveit_backup.ops.wal_push import wal_name
-
-    path = os.path.abspath(path)
-    name = os.path.basename(path)
-    wal_name(name)
-    pg_wal = os.path.dirname(path)
-    spool = Spool.for_cluster(settings, pg_wal)
-    spool.create()
-    result = _consume(spool, name, errors_too=False)
-    if result is not None:
-        return result
-    _unlink(spool.error(name))  # an earlier attempt's failure: wait for a fresh one (the worker retries now)
-    _write_atomic(spool.request(name), path)
-    deadline = time.monotonic() + timeout
-    next_check = 0.0
-    delay = 0.005
-    while True:
-        result = _consume(spool, name)
-        if result is not None:
-            return result
-        now = time.monotonic()
-        if now >= deadline:
-            raise TransientStorageError(f"asynchronous push of {name} did not finish within {timeout:.0f} s",
-                                        hint=f"see the worker log {spool.log_path}; PostgreSQL retries the archive_command")
-        if now >= next_check:
-            if not spool.worker_running():
-                start_worker(spool, pg_wal, cli_values or {}, config_file)
-            next_check = now + 1.0
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.05)
-
-
-def _consume(spool: Spool, name: str, errors_too: bool = True) -> str | None:
-    try:
-        with open(spool.ok(name)) as f:
-            text = f.read().strip()
-    except FileNotFoundError:
-        text = None
-    if text is not None:
-        _unlink(spool.request(name))
-        if text == DROPPED:
-            log.error("WAL file %s was DROPPED by the archive queue limit (BACKUP_ARCHIVE_QUEUE_MAX): it is NOT in the "
-                      "archive; point-in-time recovery across it is impossible until the next full backup", name)
-            return DROPPED
-        return "pushed"
-    if not errors_too:
-        return None
-    try:
-        with open(spool.error(name)) as f:
-            body = json.load(f)
-    except (FileNotFoundError, ValueError):
-        return None
-    _unlink(spool.error(name))
-    _unlink(spool.request(name))
-    raise _rebuild_error(body)
-
-
-def _rebuild_error(body: dict[str, Any]) -> SaveitError:
-    cls = getattr(errors, str(body.get("kind", "")), None)
-    if not (isinstance(cls, type) and issubclass(cls, SaveitError)):
-        cls = SaveitError
-    return cls(f"async push failed: {body.get('message', '?')}", body.get("hint"))
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def start_worker(spool: Spool, pg_wal: str, cli_values: dict[str, Any], config_file: str | None) -> None:
-    """Start a detached worker (new session, output to the spool's log); a second one exits at once."""
-    args = [sys.executable, "-m", "saveit_backup.ops.wal_async", "--pg-wal", pg_wal, "--spool", spool.root]
-    if config_file:
-        args += ["--config", config_file]
-    if cli_values.get("repository"):
-        args += ["--repo", str(cli_values["repository"])]
-    try:
-        if os.path.getsize(spool.log_path) > LOG_ROTATE_BYTES:
-            os.replace(spool.log_path, spool.log_path + ".1")
-    except OSError:
-        pass
-    import subprocess
-
-    with open(spool.log_path, "ab") as logf:
-        subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, close_fds=True,
-                         start_new_session=True, cwd="/")
 
 
 # --- worker ----------------------------------------------------------------------------
@@ -278,7 +97,7 @@ class Worker:
 
     def run(self) -> int:
         """Push until idle for ``idle_exit`` seconds or stopped; 0 if another worker holds the lock."""
-        fcntl = _fcntl()
+        import fcntl
         self.spool.create()
         lock_fd = os.open(self.spool.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -288,18 +107,18 @@ class Worker:
             log.debug("another worker is running for %s", self.spool.root)
             return 0
         try:
-            _write_atomic(self.spool.pid_path, f"{os.getpid()}\n")
+            write_atomic(self.spool.pid_path, f"{os.getpid()}\n")
             log.info("async WAL worker started (pid %d, %d jobs, queue max %s) for %s", os.getpid(), self.jobs,
                      self.queue_max or "unlimited", self.pg_wal)
             try:
                 self._loop()
             except SaveitError as exc:  # cannot push at all (configuration, repository): tell every waiter
                 for name in _scan(self.spool, self.pg_wal):
-                    _write_atomic(self.spool.error(name), json.dumps(_error_body(exc)))
+                    write_atomic(self.spool.error(name), json.dumps(_error_body(exc)))
                 raise
             log.info("async WAL worker exiting: %d pushed, %d dropped", self.pushed, self.dropped)
         finally:
-            _unlink(self.spool.pid_path)
+            unlink_missing_ok(self.spool.pid_path)
             os.close(lock_fd)
         return 0
 
@@ -325,7 +144,7 @@ class Worker:
                     except SaveitError as exc:
                         log.error("cannot open the repository: %s", exc)
                         for name in ready:
-                            _write_atomic(self.spool.error(name), json.dumps(_error_body(exc)))
+                            write_atomic(self.spool.error(name), json.dumps(_error_body(exc)))
                         repo, ready = None, {}
                 for name in sorted(ready, key=_order):
                     if len(inflight) >= self.jobs * 2:
@@ -364,7 +183,7 @@ class Worker:
         for fname, entry in statuses.items():
             name = fname.rsplit(".", 1)[0]
             if name not in candidates and name not in inflight:
-                _unlink(entry.path)
+                unlink_missing_ok(entry.path)
         for name, path in candidates.items():
             if name in inflight or f"{name}.ok" in statuses:
                 continue
@@ -387,11 +206,11 @@ class Worker:
         if not victims:
             return pending
         for name in victims:
-            _write_atomic(self.spool.ok(name), DROPPED)
-            _unlink(self.spool.error(name))
+            write_atomic(self.spool.ok(name), DROPPED)
+            unlink_missing_ok(self.spool.error(name))
             del pending[name]
         self.dropped += len(victims)
-        _write_atomic(self.spool.dropped_path, f"{self.spool.dropped_total() + len(victims)}\n")
+        write_atomic(self.spool.dropped_path, f"{self.spool.dropped_total() + len(victims)}\n")
         log.error("ARCHIVE QUEUE LIMIT: %d WAL files waiting exceed BACKUP_ARCHIVE_QUEUE_MAX=%d; DROPPED %d segment(s) "
                   "without archiving (%s .. %s). The WAL archive now has a gap: take a full backup.",
                   len(pending) + len(victims) + inflight, self.queue_max, len(victims), victims[0], victims[-1])
@@ -401,14 +220,14 @@ class Worker:
         exc = fut.exception()
         if exc is None:
             result = fut.result()
-            _write_atomic(self.spool.ok(name), result.status)
-            _unlink(self.spool.error(name))
+            write_atomic(self.spool.ok(name), result.status)
+            unlink_missing_ok(self.spool.error(name))
             self.pushed += 1
             log.info("pushed %s (%s, %.0f ms)", name, result.status, result.seconds * 1000)
             return
         body = _error_body(exc)
         log.error("push of %s failed: %s", name, body["message"])
-        _write_atomic(self.spool.error(name), json.dumps(body))
+        write_atomic(self.spool.error(name), json.dumps(body))
 
 
 def _error_body(exc: BaseException | None) -> dict[str, Any]:

@@ -18,12 +18,10 @@ only what pushing needs (no psycopg, no full CLI parser).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from saveit_backup.domain.wal import MIN_SEGMENT_SIZE, WalFileKind, check_segment_header, classify_archive_name
 from saveit_backup.errors import AlreadyExists, ConfigError, IntegrityError, SaveitError, WalMismatch
@@ -34,7 +32,6 @@ if TYPE_CHECKING:
     from saveit_backup.pipeline.envelope import EncodeOptions
     from saveit_backup.repo.repository import Repository
 
-log = logging.getLogger("saveit_backup.wal")
 
 READ_SIZE = 1 << 20
 # Objects up to this size are encoded in memory and put as bytes, so the storage
@@ -44,8 +41,7 @@ PREFETCH_DIR = ".saveit-prefetch"  # wal_fetch's cache, next to the destination 
 PREFETCH_STALE_SECONDS = 600.0
 
 
-@dataclass(frozen=True)
-class PushResult:
+class PushResult(NamedTuple):
     name: str
     key: str
     status: str  # "stored" | "exists"
@@ -119,7 +115,7 @@ def push_file(repo: Repository, path: str, options: EncodeOptions | None = None,
         if kind is WalFileKind.SEGMENT:
             check_file(path, name, fd)
         # The digest is only needed on a name clash; one segment is too small to be worth zstd worker threads.
-        opts = replace(options or repo.write_options(), hash=False, threads=0)
+        opts = (options or repo.write_options())._replace(hash=False, threads=0)
         # A writer that cannot decrypt (public keys only) records the hash in the header to compare later.
         known = _file_sha256(fd) if opts.encrypt and not repo.keyring.can_read else None
         digest = Digest()
@@ -155,12 +151,14 @@ def _compare_existing(repo: Repository, key: str, name: str, local_sha256: str) 
     if stored != local_sha256:
         raise WalMismatch(f"{name} is already archived with different content (stored sha256 {stored[:16]}..., "
                           f"local {local_sha256[:16]}...); the archived copy was kept")
-    log.info("%s was already archived with identical content", name)
+    import logging
+
+    logging.getLogger("saveit_backup.wal").info("%s was already archived with identical content", name)
 
 
 def worker_options(repo: Repository) -> EncodeOptions:
     """Options for pushing several segments in parallel: one compression thread each."""
-    return replace(repo.write_options(), threads=0)
+    return repo.write_options()._replace(threads=0)
 
 
 def clean_prefetch(pg_wal: str, max_age: float = PREFETCH_STALE_SECONDS) -> None:

@@ -24,12 +24,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from saveit_backup.errors import ConfigError, DecryptionError, IntegrityError
 
@@ -94,8 +91,7 @@ def generate_identity() -> tuple[str, str]:
     return text, public
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     secret: bytes
     public: bytes
 
@@ -105,7 +101,8 @@ class Identity:
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
         try:
-            text = Path(path).read_text()
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
         except OSError as exc:
             raise ConfigError(f"cannot read identity file {path}: {exc.strerror}", hint="check BACKUP_ENCRYPTION_IDENTITY") from exc
         for line in text.splitlines():
@@ -116,15 +113,18 @@ class Identity:
         raise ConfigError(f"{path} holds no {SECRET_PREFIX} line", hint="use a file written by 'saveit-backup key generate'")
 
 
-@dataclass
 class Keyring:
     """The keys this process holds: what it may write with and read with."""
 
-    passphrase: str | None = None
-    recipients: list[bytes] = field(default_factory=list)  # X25519 public keys
-    identities: list[Identity] = field(default_factory=list)
-    scrypt_salt: bytes | None = None  # repository-wide salt: one scrypt per process
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    def __init__(self, passphrase: str | None = None, recipients: list[bytes] | None = None,
+                 identities: list[Identity] | None = None, scrypt_salt: bytes | None = None) -> None:
+        self.passphrase = passphrase
+        self.recipients = recipients or []  # X25519 public keys
+        self.identities = identities or []
+        self.scrypt_salt = scrypt_salt  # repository-wide salt: one scrypt per process
+
+    def __repr__(self) -> str:  # never the secrets
+        return f"Keyring({self.describe()}, {len(self.identities)} identities)"
 
     @property
     def can_read(self) -> bool:

@@ -17,8 +17,7 @@ import json
 import os
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from saveit_backup.errors import EncryptionConfigError, IntegrityError, RepositoryFormatError
 from saveit_backup.pipeline.compress import check_codec, compress_stream, decompress_stream
@@ -30,8 +29,7 @@ _PREFIX = struct.Struct(">3sBI")
 MAX_HEADER = 1 << 20
 
 
-@dataclass(frozen=True)
-class EncodeOptions:
+class EncodeOptions(NamedTuple):
     codec: str = "zstd"
     level: int | None = None
     threads: int = 0
@@ -39,15 +37,17 @@ class EncodeOptions:
     hash: bool = True  # False: skip the SHA-256 observer (callers that know or do not need the digest)
 
 
-@dataclass
 class Digest:
     """Filled while the stream passes; read after the stream is exhausted."""
 
-    plain_size: int = 0
-    plain_sha256: str = ""
-    stored_size: int = 0
-    codec: str = ""
-    cipher: str = ""
+    __slots__ = ("cipher", "codec", "plain_sha256", "plain_size", "stored_size")
+
+    def __init__(self) -> None:
+        self.plain_size = 0
+        self.plain_sha256 = ""
+        self.stored_size = 0
+        self.codec = ""
+        self.cipher = ""
 
 
 def _observe(chunks: Iterable[bytes], digest: Digest, hashing: bool) -> Iterator[bytes]:

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from saveit_backup import __version__
-from saveit_backup.domain.manifest import Manifest, backup_id, iso, utcnow
 from saveit_backup.errors import (
     AlreadyExists,
     BackupNotFound,
@@ -30,7 +24,13 @@ from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode, encod
 from saveit_backup.repo import layout
 from saveit_backup.storage.base import Storage, read_all
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import logging
+    from datetime import datetime
+
+    from saveit_backup.domain.manifest import Manifest
+
+# Kept off the wal-push path (its cold start): logging, socket, threading and the manifest model load when used.
 
 FORMAT_VERSION = 1
 CIPHERS = ("none", "aes-256-gcm")
@@ -38,8 +38,7 @@ LOCK_HEARTBEAT_SECONDS = 30.0
 LOCK_STALE_SECONDS = 300.0
 
 
-@dataclass(frozen=True)
-class RepoConfig:
+class RepoConfig(NamedTuple):
     repository_id: str
     created: str
     cipher: str
@@ -96,6 +95,8 @@ class Repository:
             raise AlreadyExists(f"a repository already exists at {self.storage.capabilities.url}", hint="use it as it is")
         encrypted = self.keyring.can_write_encrypted or bool(self.keyring.identities)
         import uuid
+
+        from saveit_backup.domain.manifest import iso, utcnow
 
         config = RepoConfig(uuid.uuid4().hex, iso(utcnow()), "aes-256-gcm" if encrypted else "none",
                             os.urandom(16) if encrypted else None)
@@ -156,6 +157,8 @@ class Repository:
             raw = read_all(self.storage, layout.manifest_key(backup_id))
         except NotFound:
             raise BackupNotFound(f"backup {backup_id} not found in {self.storage.capabilities.url}") from None
+        from saveit_backup.domain.manifest import Manifest
+
         try:
             return Manifest.from_dict(json.loads(raw))
         except ValueError as exc:
@@ -187,6 +190,8 @@ class Repository:
 
     def new_backup_id(self, kind: str) -> tuple[str, datetime]:
         """A fresh ID (one-second resolution): wait for the next second if this one is taken. Call under the lock."""
+        from saveit_backup.domain.manifest import backup_id, utcnow
+
         while True:
             started = utcnow()
             bid = backup_id(kind, started)
@@ -201,6 +206,8 @@ class Repository:
         """A pinned backup is kept by retention whatever its age (docs/format.md, pins/)."""
         self.load_manifest(backup_id)  # BackupNotFound for a typo
         if pinned:
+            from saveit_backup.domain.manifest import iso, utcnow
+
             self.storage.put(layout.pin_key(backup_id), json.dumps({"pinned": iso(utcnow())}).encode())
         else:
             self.storage.delete(layout.pin_key(backup_id))
@@ -218,7 +225,11 @@ class Repository:
     # --- lock --------------------------------------------------------------------------
     @contextmanager
     def lock(self, command: str, stale_after: float = LOCK_STALE_SECONDS) -> Iterator[None]:
+        import socket
+        import threading
         import uuid
+
+        from saveit_backup.domain.manifest import iso, utcnow
 
         owner = uuid.uuid4().hex
         started = iso(utcnow())
@@ -236,7 +247,7 @@ class Repository:
                     if self._lock_owner() == owner:
                         self.storage.put(layout.LOCK, body())
                 except Exception as exc:  # the next beat retries; the job goes on
-                    log.warning("lock heartbeat failed: %s", exc)
+                    _log().warning("lock heartbeat failed: %s", exc)
 
         thread = threading.Thread(target=beat, name="lock-heartbeat", daemon=True)
         thread.start()
@@ -273,13 +284,21 @@ class Repository:
                     f"repository is locked by '{held.get('command')}' (pid {held.get('pid')} on {held.get('host')},"
                     f" since {held.get('started')})"
                 )
-            log.warning("breaking stale repository lock of '%s' (pid %s on %s): %s",
+            _log().warning("breaking stale repository lock of '%s' (pid %s on %s): %s",
                         held.get("command"), held.get("pid"), held.get("host"), reason)
             self.storage.delete(layout.LOCK)
         raise LockHeld("could not take the repository lock after breaking a stale one")
 
 
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger(__name__)
+
+
 def _stale_reason(held: dict[str, Any], stale_after: float) -> str | None:
+    import socket
+
     if not held:
         return "lock file is unreadable"
     if held.get("host") == socket.gethostname():

@@ -24,8 +24,7 @@ Streamed puts are not replayable: retrying them is the backend's business
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 CHUNK_SIZE = 1 << 20
 TMP_SUFFIX = ".tmp-saveit"  # temporaries of writes in progress; invisible unless listed with hidden=True
@@ -33,15 +32,13 @@ TMP_SUFFIX = ".tmp-saveit"  # temporaries of writes in progress; invisible unles
 Data = bytes | Iterable[bytes]
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
+class ObjectInfo(NamedTuple):
     key: str
     size: int
     mtime: float | None = None
 
 
-@dataclass(frozen=True)
-class Capabilities:
+class Capabilities(NamedTuple):
     """What a backend can promise beyond the contract."""
 
     atomic_if_absent: bool = True  # if_absent is enforced by the server, not check-then-write

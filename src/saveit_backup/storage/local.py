@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from typing import BinaryIO
 
 from saveit_backup.errors import (
     AccessDenied,
@@ -34,19 +33,22 @@ def classify_os_error(exc: OSError, what: str) -> StorageError:
 
 
 class LocalStorage:
+    """Objects are files under ``root`` (a str path); keys map to relative paths."""
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+        self.root = os.path.abspath(os.fspath(root))
         self.capabilities = Capabilities(atomic_if_absent=True, url=f"file://{self.root}")
 
-    def _path(self, key: str) -> Path:
-        return self.root / check_key(key)
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, check_key(key))
 
     def put(self, key: str, data: Data, *, if_absent: bool = False) -> None:
         final = self._path(key)
-        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+        parent, name = os.path.split(final)
+        tmp = os.path.join(parent, f".{name}.{os.urandom(12).hex()}{_TMP_SUFFIX}")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if if_absent and final.exists():
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            if if_absent and os.path.exists(final):
                 raise AlreadyExists(f"object {key} already exists")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -61,14 +63,14 @@ class LocalStorage:
                 else:
                     os.replace(tmp, final)
             except BaseException:
-                tmp.unlink(missing_ok=True)
+                _unlink_quietly(tmp)
                 raise
-            self._fsync_dir(final.parent)
+            self._fsync_dir(parent)
         except OSError as exc:
             raise classify_os_error(exc, f"writing {key} in {self.root}") from exc
 
     @staticmethod
-    def _fsync_dir(path: Path) -> None:
+    def _fsync_dir(path: str) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -84,10 +86,7 @@ class LocalStorage:
         return self._read(handle, offset, length)
 
     @staticmethod
-    def _read(handle: object, offset: int, length: int | None) -> Iterator[bytes]:
-        import io
-
-        assert isinstance(handle, io.BufferedReader)
+    def _read(handle: BinaryIO, offset: int, length: int | None) -> Iterator[bytes]:
         with handle:
             if offset:
                 handle.seek(offset)
@@ -103,26 +102,27 @@ class LocalStorage:
 
     def stat(self, key: str) -> ObjectInfo:
         try:
-            st = self._path(key).stat()
+            st = os.stat(self._path(key))
         except OSError as exc:
             raise classify_os_error(exc, f"stat {key} in {self.root}") from exc
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def list(self, prefix: str = "", *, hidden: bool = False) -> Iterator[ObjectInfo]:
         # Walk only the directory that can contain the prefix.
-        base_dir = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        if not base_dir.is_dir():
+        base_dir = os.path.join(self.root, prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        if not os.path.isdir(base_dir):
             return iter(())
         found: list[ObjectInfo] = []
+        cut = len(self.root) + 1
         try:
             for dirpath, _dirs, files in os.walk(base_dir):
                 for name in files:
                     if name.endswith(_TMP_SUFFIX) and not hidden:
                         continue
-                    full = Path(dirpath) / name
-                    key = full.relative_to(self.root).as_posix()
+                    full = os.path.join(dirpath, name)
+                    key = full[cut:].replace(os.sep, "/")
                     if key.startswith(prefix):
-                        st = full.stat()
+                        st = os.stat(full)
                         found.append(ObjectInfo(key, st.st_size, st.st_mtime))
         except OSError as exc:
             raise classify_os_error(exc, f"listing {prefix} in {self.root}") from exc
@@ -132,14 +132,22 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
-            path.unlink(missing_ok=True)
+            _unlink_quietly(path)
         except OSError as exc:
             raise classify_os_error(exc, f"deleting {key} in {self.root}") from exc
         # Prune empty parent directories up to the root.
-        parent = path.parent
-        while parent != self.root and parent.is_relative_to(self.root):
+        parent = os.path.dirname(path)
+        while parent != self.root and parent.startswith(self.root + os.sep):
             try:
-                parent.rmdir()
+                os.rmdir(parent)
             except OSError:
                 break
-            parent = parent.parent
+            parent = os.path.dirname(parent)
+
+
+def _unlink_quietly(path: str) -> None:
+    """unlink; a missing file is fine."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import threading
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
 from saveit_backup.errors import ConfigError
 from saveit_backup.storage.base import Storage
@@ -58,6 +57,8 @@ def open_storage(url: str, s3: S3Options | None = None) -> Storage:
 
 
 def _file_path(url: str) -> str:
+    from urllib.parse import unquote, urlsplit
+
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise ConfigError(
@@ -76,6 +77,8 @@ def _local(path: str) -> Storage:
 
 
 def _s3(url: str, options: S3Options | None) -> Storage:
+    from urllib.parse import unquote, urlsplit
+
     from saveit_backup.storage.s3 import S3Options, S3Storage
 
     parts = urlsplit(url)

@@ -8,18 +8,24 @@ inner ``capabilities`` unchanged and keeps the ``Storage`` contract.
 from __future__ import annotations
 
 import functools
-import logging
-import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from saveit_backup.errors import AlreadyExists, TransientStorageError
 from saveit_backup.storage.base import Data, ObjectInfo, Storage, iter_chunks, read_all
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import logging
+
+
+def _log() -> logging.Logger:
+    import logging  # only when retrying: wal-push's cold start does not pay for it
+
+    return logging.getLogger(__name__)
+
 
 T = TypeVar("T")
 
@@ -63,6 +69,8 @@ class RetryingStorage:
     def _delay(self, failures: int) -> float:
         """Equal jitter: half the exponential step fixed, half random."""
         step = min(self.max_delay, self.base_delay * 2.0 ** (failures - 1))
+        import random
+
         return step / 2 + random.uniform(0, step / 2)
 
     def _call(self, what: str, func: Callable[[], T]) -> T:
@@ -75,7 +83,7 @@ class RetryingStorage:
                 if failures >= self.attempts:
                     raise
                 delay = self._delay(failures)
-                log.debug("%s failed (%s); retry %d/%d in %.2fs", what, exc.message, failures, self.attempts - 1, delay)
+                _log().debug("%s failed (%s); retry %d/%d in %.2fs", what, exc.message, failures, self.attempts - 1, delay)
                 self._sleep(delay)
 
     def put(self, key: str, data: Data, *, if_absent: bool = False) -> None:
@@ -119,7 +127,7 @@ class RetryingStorage:
                 if failures >= self.attempts:
                     raise
                 delay = self._delay(failures)
-                log.debug(
+                _log().debug(
                     "reading %s failed at byte %d (%s); resuming in %.2fs", key, offset + done, exc.message, delay
                 )
                 self._sleep(delay)

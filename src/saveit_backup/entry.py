@@ -1,0 +1,22 @@
+"""Console entry point ``saveit-backup``.
+
+PostgreSQL runs ``wal-push`` / ``wal-fetch`` once per WAL file, so those two go straight to
+``cli_wal.fast_main`` without importing the full command line (argparse, logging, every command).
+"""
+
+from __future__ import annotations
+
+import sys
+
+FAST_COMMANDS = ("wal-push", "wal-fetch")
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if argv and argv[0] in FAST_COMMANDS:
+        from saveit_backup.cli_wal import fast_main
+
+        return fast_main(argv)
+    from saveit_backup.cli import main as cli_main
+
+    return cli_main(argv)

@@ -1,0 +1,208 @@
+"""Asynchronous archiving, the client side: the spool and ``wal-push --async``.
+
+This is what PostgreSQL runs once per WAL file in async mode, so it imports almost nothing:
+when the worker (``ops.wal_async``, which documents the spool layout) has pushed the file
+ahead, a call is a config read and one ``open``.
+"""
+
+from __future__ import annotations
+
+import _thread
+import fcntl
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from saveit_backup import errors
+from saveit_backup.errors import ConfigError, SaveitError, TransientStorageError
+
+try:  # CPython's built-in SHA-256: the same digest as hashlib's without loading OpenSSL
+    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - other interpreters
+    from hashlib import sha256 as _sha256
+
+if TYPE_CHECKING:
+    from saveit_backup.config import Settings
+
+DEFAULT_TIMEOUT = 60.0
+LOG_ROTATE_BYTES = 10 << 20
+DROPPED = "dropped"
+
+
+class Spool(NamedTuple):
+    """The spool of one cluster (layout in the module docstring of ``ops.wal_async``)."""
+
+    root: str
+
+    @classmethod
+    def for_cluster(cls, settings: Settings, pg_wal: str) -> Spool:
+        if settings.spool_dir:
+            return cls(os.path.abspath(settings.spool_dir))
+        digest = _sha256(os.path.realpath(pg_wal).encode()).hexdigest()[:12]
+        return cls(f"/var/tmp/saveit-spool-{digest}")
+
+    @property
+    def requests(self) -> str:
+        return os.path.join(self.root, "in")
+
+    @property
+    def status(self) -> str:
+        return os.path.join(self.root, "status")
+
+    def ok(self, name: str) -> str:
+        return os.path.join(self.status, f"{name}.ok")
+
+    def error(self, name: str) -> str:
+        return os.path.join(self.status, f"{name}.error")
+
+    def request(self, name: str) -> str:
+        return os.path.join(self.requests, name)
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.root, "worker.lock")
+
+    @property
+    def pid_path(self) -> str:
+        return os.path.join(self.root, "worker.pid")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.root, "worker.log")
+
+    @property
+    def dropped_path(self) -> str:
+        return os.path.join(self.root, "dropped_total")
+
+    def create(self) -> None:
+        for d in (self.root, self.requests, self.status):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+
+    def dropped_total(self) -> int:
+        try:
+            with open(self.dropped_path) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def worker_running(self) -> bool:
+        """True while some process holds the worker lock."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing releases a lock we may have taken
+        return False
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.{_thread.get_ident()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# --- client: wal-push --async -----------------------------------------------------------
+def push_async(settings: Settings, path: str, timeout: float = DEFAULT_TIMEOUT,
+               cli_values: dict[str, Any] | None = None, config_file: str | None = None) -> str:
+    """Return "pushed" or "dropped" once the worker has handled ``path``; raise its error otherwise."""
+    path = os.path.abspath(path)
+    name = os.path.basename(path)
+    if not name or name.startswith("."):  # the worker checks the name fully; this keeps the spool's paths sane
+        raise ConfigError(f"{name!r} is not a WAL file name", hint="archive_command must pass %p")
+    pg_wal = os.path.dirname(path)
+    spool = Spool.for_cluster(settings, pg_wal)
+    spool.create()
+    result = _consume(spool, name, errors_too=False)
+    if result is not None:
+        return result
+    unlink_missing_ok(spool.error(name))  # an earlier attempt's failure: wait for a fresh one (the worker retries now)
+    write_atomic(spool.request(name), path)
+    deadline = time.monotonic() + timeout
+    next_check = 0.0
+    delay = 0.005
+    while True:
+        result = _consume(spool, name)
+        if result is not None:
+            return result
+        now = time.monotonic()
+        if now >= deadline:
+            raise TransientStorageError(f"asynchronous push of {name} did not finish within {timeout:.0f} s",
+                                        hint=f"see the worker log {spool.log_path}; PostgreSQL retries the archive_command")
+        if now >= next_check:
+            if not spool.worker_running():
+                start_worker(spool, pg_wal, cli_values or {}, config_file)
+            next_check = now + 1.0
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
+
+
+def _consume(spool: Spool, name: str, errors_too: bool = True) -> str | None:
+    try:
+        with open(spool.ok(name)) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        text = None
+    if text is not None:
+        unlink_missing_ok(spool.request(name))
+        if text == DROPPED:
+            print(f"saveit-backup: ERROR WAL file {name} was DROPPED by the archive queue limit (BACKUP_ARCHIVE_QUEUE_MAX): "
+                  "it is NOT in the archive; point-in-time recovery across it is impossible until the next full backup",
+                  file=sys.stderr)
+            return DROPPED
+        return "pushed"
+    if not errors_too:
+        return None
+    try:
+        with open(spool.error(name)) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    import json
+
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    unlink_missing_ok(spool.error(name))
+    unlink_missing_ok(spool.request(name))
+    raise _rebuild_error(body)
+
+
+def _rebuild_error(body: dict[str, Any]) -> SaveitError:
+    cls = getattr(errors, str(body.get("kind", "")), None)
+    if not (isinstance(cls, type) and issubclass(cls, SaveitError)):
+        cls = SaveitError
+    return cls(f"async push failed: {body.get('message', '?')}", body.get("hint"))
+
+
+def unlink_missing_ok(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def start_worker(spool: Spool, pg_wal: str, cli_values: dict[str, Any], config_file: str | None) -> None:
+    """Start a detached worker (new session, output to the spool's log); a second one exits at once."""
+    args = [sys.executable, "-m", "saveit_backup.ops.wal_async", "--pg-wal", pg_wal, "--spool", spool.root]
+    if config_file:
+        args += ["--config", config_file]
+    if cli_values.get("repository"):
+        args += ["--repo", str(cli_values["repository"])]
+    try:
+        if os.path.getsize(spool.log_path) > LOG_ROTATE_BYTES:
+            os.replace(spool.log_path, spool.log_path + ".1")
+    except OSError:
+        pass
+    import subprocess
+
+    with open(spool.log_path, "ab") as logf:
+        subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, close_fds=True,
+                         start_new_session=True, cwd="/")

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -213,7 +214,8 @@ class Bench:
         return store
 
     # --- backups ------------------------------------------------------------------------------
-    def saveit_backup(self, name: str, repo: Path, args: Sequence[str], codec: str = "zstd", encrypted: bool = False) -> Contender:
+    def saveit_backup(self, name: str, repo: Path, args: Sequence[str], codec: str = "zstd", encrypted: bool = False,
+                      **extra_env: str) -> Contender:
         def after(rnd: int, s: Sample) -> Mapping[str, float]:
             out = json.loads(s.stdout)
             self.backup_ids[name] = out["id"]
@@ -221,7 +223,7 @@ class Bench:
             return {"size": data, "total": out["stored_bytes"]}
 
         return Contender(name, lambda r: [CLI, "--json", "backup", "--type", "full", *args],
-                         self.saveit_env(repo, codec, encrypted), "saveit-backup", after=after)
+                         self.saveit_env(repo, codec, encrypted, **extra_env), "saveit-backup", after=after)
 
     def pgbr_backup(self, name: str, extra: Sequence[str]) -> Contender:
         def after(rnd: int, s: Sample) -> Mapping[str, float]:
@@ -251,6 +253,8 @@ class Bench:
         return [
             self.saveit_backup("saveit local zstd-3", self.repo_plain, ["--pgdata", d]),
             self.saveit_backup("saveit local zstd-3 no-verify", self.repo_plain, ["--pgdata", d, "--no-verify-checksums"]),
+            self.saveit_backup("saveit local zstd-3 single-thread codec", self.repo_plain, ["--pgdata", d],
+                               BACKUP_COMPRESSION_THREADS="0"),
             self.saveit_backup("saveit remote zstd-3", self.repo_plain, ["--remote"]),
             self.saveit_backup("saveit local lz4", self.repo_plain, ["--pgdata", d], codec="lz4"),
             self.saveit_backup("saveit local zstd-3 encrypted", self.repo_enc, ["--pgdata", d], encrypted=True),
@@ -383,6 +387,8 @@ def main() -> int:
     p.add_argument("--only-zstd", action="store_true", help="skip the lz4 and encrypted rows (shorter run)")
     p.add_argument("--wal-rounds", type=int, help="rounds of the WAL push runs (default --rounds)")
     p.add_argument("--no-warmup", action="store_true", help="no untimed warm-up round for backups and restores")
+    p.add_argument("--contenders", help="regular expression: run only the backup/restore contenders whose name matches "
+                                        "(pgBackRest's zstd-3 row, the reference, always runs)")
     args = p.parse_args()
     reexec_as_postgres()
     machine = machine_description()
@@ -418,10 +424,17 @@ def main() -> int:
 
         if not args.skip_backup:
             extra = ("lz4", "encrypted")
-            bcs = [c for c in b.backup_contenders() if not (args.only_zstd and any(x in c.name for x in extra))]
+
+            def keep(name: str) -> bool:
+                if (name.startswith("pgBackRest") and "zstd-3" in name) or name == "pgBackRest restore (zstd-3)":
+                    return True
+                if args.only_zstd and any(x in name for x in extra):
+                    return False
+                return not args.contenders or re.search(args.contenders, name) is not None
+            bcs = [c for c in b.backup_contenders() if keep(c.name)]
             backups = run_rounds(bcs, args.rounds, warmup=not args.no_warmup)
             loads.append(f"after backups {load_line()}")
-            rcs = [c for c in b.restore_contenders() if not (args.only_zstd and any(x in c.name for x in extra))]
+            rcs = [c for c in b.restore_contenders() if keep(c.name)]
             restores = run_rounds(rcs, args.rounds, warmup=not args.no_warmup)
             loads.append(f"after restores {load_line()}")
             sections.append("### Full backup\n\n" + markdown_table(backups, "pgBackRest zstd-3", [size]))

@@ -274,7 +274,9 @@ def _store_object(repo: Repository, bid: str, name: str, files: list[FileEntry],
     if len(files) == 1 and files[0].size >= BIG_FILE:
         f = files[0]
         f.object, f.offset = name, 0
-        digest = repo.put_object(key, reader.chunks(f), options)
+        # The object's plain bytes are the file's: FileReader's SHA-256 is the object's, hash once.
+        digest = repo.put_object(key, reader.chunks(f), options._replace(hash=False))
+        digest.plain_sha256 = f.sha256
         return _entry(name, digest)
 
     def packed() -> Iterator[bytes]:

@@ -103,3 +103,28 @@ def test_memory_bounded_for_large_streams() -> None:
     small, large = _peak_through_pipeline(64), _peak_through_pipeline(256)
     assert large < 48 << 20, f"peak {large / 2**20:.1f} MiB"
     assert large < small * 1.5 + (4 << 20), (small, large)
+
+
+def test_failed_decodes_release_storage_permits() -> None:
+    """A wrong key or a corrupt frame must not leak the stream's concurrency permit (it used to hang restores)."""
+    from saveit_backup.storage.memory import MemoryStorage
+    from saveit_backup.storage.wrappers import LimitedStorage
+
+    storage = LimitedStorage(MemoryStorage(), 1)
+    kr = Keyring(passphrase="right")
+    stored = bytearray(b"".join(encode(chunks(PLAIN), EncodeOptions(encrypt=True), kr, Digest())))
+    storage.put("good", bytes(stored))
+    stored[len(stored) // 2] ^= 1
+    storage.put("bad", bytes(stored))
+    errors: list[BaseException] = []
+    for _ in range(3):  # one permit: a leak blocks the second open forever
+        try:
+            b"".join(decode(storage.open("good"), Keyring(passphrase="wrong")))
+        except DecryptionError as exc:
+            errors.append(exc)  # keeps the traceback (and its frames) alive, as a Future does
+        try:
+            b"".join(decode(storage.open("bad"), kr))
+        except IntegrityError as exc:
+            errors.append(exc)
+    assert len(errors) == 6
+    assert b"".join(decode(storage.open("good"), kr)) == PLAIN

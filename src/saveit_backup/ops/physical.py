@@ -223,6 +223,7 @@ class FileReader:
         self.start_lsn = start_lsn
 
     def real_path(self, path: str) -> str:
+        """Where ``path`` (as in the manifest) is on disk; ``tablespaces`` maps oid -> the tablespace's location."""
         parts = path.split("/")
         if parts[0] == "pg_tblspc" and len(parts) > 2 and parts[1] in self.tablespaces:
             return os.path.join(self.tablespaces[parts[1]], *parts[2:])
@@ -439,7 +440,8 @@ def _local(repo: Repository, conn: Any, facts: ServerFacts, control: dict[str, A
     tablespace_dir = f"PG_{facts.major}_{control['catalog_version_no']}" if facts.major >= 10 else ""
     found = scan(pgdata, tablespace_dir)
     checks = ChecksumReport(enabled=facts.data_checksums and opts.verify_checksums)
-    reader = FileReader(pgdata, {t["oid"]: os.path.join(t["location"], tablespace_dir) for t in found.tablespaces}, checks,
+    # Tablespace paths are "pg_tblspc/<oid>/<tablespace_dir>/...": the reader maps the oid to the location itself.
+    reader = FileReader(pgdata, {t["oid"]: t["location"] for t in found.tablespaces}, checks,
                         int(Lsn.parse(start_lsn)))
     plan = plan_objects(found.files)
     t0 = time.monotonic()

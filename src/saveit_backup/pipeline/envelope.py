@@ -143,17 +143,40 @@ def read_header(reader: _Reader, what: str) -> tuple[dict[str, Any], bytes]:
 
 
 def decode(chunks: Iterable[bytes], keyring: Keyring | None, what: str = "object") -> Iterator[bytes]:
-    """Inverse of ``encode``, built from the object's own header."""
-    reader = _Reader(chunks)
-    header, header_bytes = read_header(reader, what)
-    cipher = header.get("cipher")
-    body = reader.rest()
-    if cipher == "aes-256-gcm":
-        key = (keyring or Keyring()).unwrap(header.get("slots", []), what)
-        body = decrypt_frames(body, key, header_bytes, what, int(header.get("frame", FRAME_SIZE)))
-    elif cipher != "none":
-        raise RepositoryFormatError(f"{what}: unsupported cipher {cipher!r}")
-    return decompress_stream(body, str(header.get("codec")))
+    """Inverse of ``encode``, built from the object's own header.
+
+    The header is read (and the key unwrapped) now, so a wrong key fails here.  Whenever decoding
+    ends, by exhaustion or by an error, the source is closed: a storage stream may hold a
+    concurrency permit, and an exception's traceback would otherwise keep it alive.
+    """
+    try:
+        reader = _Reader(chunks)
+        header, header_bytes = read_header(reader, what)
+        cipher = header.get("cipher")
+        body = reader.rest()
+        if cipher == "aes-256-gcm":
+            key = (keyring or Keyring()).unwrap(header.get("slots", []), what)
+            body = decrypt_frames(body, key, header_bytes, what, int(header.get("frame", FRAME_SIZE)))
+        elif cipher != "none":
+            raise RepositoryFormatError(f"{what}: unsupported cipher {cipher!r}")
+        plain = decompress_stream(body, str(header.get("codec")))
+    except BaseException:
+        _close(chunks)
+        raise
+    return _closing(plain, chunks)
+
+
+def _close(source: Iterable[bytes]) -> None:
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
+
+
+def _closing(stream: Iterator[bytes], source: Iterable[bytes]) -> Iterator[bytes]:
+    try:
+        yield from stream
+    finally:
+        _close(source)
 
 
 def describe(chunks: Iterable[bytes], what: str = "object") -> dict[str, Any]:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import psutil
 
-from saveit_backup.pg.cluster import Cluster, free_port
+from saveit_backup.pg.cluster import Cluster, default_bindir, free_port
 
 CLI = str(Path(sys.executable).parent / "saveit-backup")
 POLL_SECONDS = 0.02
@@ -72,11 +72,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 # --- cluster and data ------------------------------------------------------------------
 @contextmanager
-def throwaway_cluster(workdir: Path, extra_conf: dict[str, str] | None = None, keep: bool = False) -> Iterator[Cluster]:
-    """initdb + start a cluster under a fresh directory of ``workdir``; stop and delete it afterwards."""
+def throwaway_cluster(workdir: Path, extra_conf: dict[str, str] | None = None, keep: bool = False,
+                      bindir: str | None = None) -> Iterator[Cluster]:
+    """initdb + start a cluster (``bindir``'s PostgreSQL, default the newest installed) under a fresh directory
+    of ``workdir``; stop and delete it afterwards."""
     workdir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="saveit-bench-", dir=workdir))
-    cluster = Cluster(base / "data", free_port(), socket_dir=base)
+    cluster = Cluster(base / "data", free_port(), bindir or default_bindir(), socket_dir=base)
     try:
         cluster.initdb(checksums=False, extra_conf=extra_conf)
         cluster.start()

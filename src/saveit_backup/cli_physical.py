@@ -2,7 +2,8 @@
 
 ``backup --type full`` runs in local mode (``--pgdata DIR`` / BACKUP_PGDATA: files read between
 pg_backup_start and pg_backup_stop) or remote mode (``--remote`` / BACKUP_PHYSICAL_MODE=remote:
-pg_basebackup over the replication protocol).  ``restore --target-dir`` restores one and sets up
+pg_basebackup over the replication protocol); ``--type diff|incr`` likewise (block deltas locally,
+``pg_basebackup --incremental`` remotely on PostgreSQL 17+).  ``restore --target-dir`` restores one and sets up
 point-in-time recovery (ops/physical_restore.py); ``verify --wal`` checks archive continuity.
 """
 

@@ -51,7 +51,8 @@ FIELDS: tuple[Field, ...] = (
     _f("compression_threads", "BACKUP_COMPRESSION_THREADS", int, 2, "zstd worker threads"),
     _f("jobs", "BACKUP_JOBS", int, 2, "parallel workers for backup and restore"),
     _f("dbname", "DATABASE_URL", str, "", "database to back up (DSN or URL; PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE also apply)"),
-    _f("pg_bindir", "BACKUP_PG_BINDIR", str, "", "directory of pg_dump/pg_restore (default: newest installed)"),
+    _f("pg_bindir", "BACKUP_PG_BINDIR", str, "", "directory of the PostgreSQL tools: pg_dump, pg_basebackup, pg_combinebackup, pg_ctl"
+       " (default: newest installed; pg_combinebackup/pg_ctl must match the backup's major)"),
     _f("pgdata", "BACKUP_PGDATA", str, "", "data directory for local physical backups"),
     _f("physical_mode", "BACKUP_PHYSICAL_MODE", str, "", "full/incr: local, remote, or empty (local with BACKUP_PGDATA, else logical)"),
     _f("restore_pre_hook", "BACKUP_RESTORE_PRE_HOOK", str, "", "shell command run before a restore (e.g. stop the app)"),

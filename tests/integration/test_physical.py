@@ -177,6 +177,13 @@ def test_remote_full_backup(env: Env) -> None:
         stop(r)
 
 
+def test_remote_incr_before_postgresql_17_falls_back(env: Env) -> None:
+    res = env.cli("--json", "backup", "--type", "incr", "--remote")
+    out = json.loads(res.stdout)
+    assert out["type"] == "full" and out["parent"] is None and out["options"]["requested"] == "incr"
+    assert "need PostgreSQL 17 or newer" in out["options"]["fallback"] and "took a full backup instead" in res.stderr
+
+
 def test_timelines_promote_write_and_recover_latest(env: Env) -> None:
     m2 = env.marks["m2"]
     # Recover to mark2 and promote: timeline 2, archived into the same repository by the recovered server.

@@ -96,8 +96,12 @@ def chain_of(repo: Repository, m: Manifest, cache: dict[str, Manifest] | None = 
     return out
 
 
-def find_reference(repo: Repository, kind: str, system_identifier: str, timeline: int) -> tuple[Reference | None, str]:
-    """The backup a ``diff``/``incr`` is taken against, or (None, why not)."""
+def find_reference(repo: Repository, kind: str, system_identifier: str, timeline: int,
+                   mode: str = "local") -> tuple[Reference | None, str]:
+    """The backup a ``diff``/``incr`` is taken against, or (None, why not).
+
+    ``mode``: local references need per-file entries (a local-mode backup); remote ones the server's
+    ``backup_manifest`` stored with the backup (``ops/native_incremental.py``)."""
     cache: dict[str, Manifest] = {}
     physical = []
     for m in repo.manifests():
@@ -110,8 +114,13 @@ def find_reference(repo: Repository, kind: str, system_identifier: str, timeline
     ref = max(wanted, key=lambda m: (m.started, m.id))
     if not ref.checksum_ok:
         return None, f"the newest {'full ' if kind == 'diff' else ''}backup {ref.id} failed verification (manifest checksum)"
-    if ref.physical.get("mode") != "local":
+    if mode == "local" and ref.physical.get("mode") != "local":
         return None, f"the newest backup {ref.id} was taken in remote mode (no per-file manifest)"
+    if mode == "remote" and ref.physical.get("mode") != "remote":
+        return None, f"the newest backup {ref.id} was taken in local mode (no backup_manifest from the server)"
+    if mode == "remote" and not ref.physical.get("archive", {}).get("manifest_object"):
+        return None, (f"the newest backup {ref.id} has no stored backup_manifest (taken with server-side compression, "
+                      "which cannot carry it, or by an older version)")
     if ref.system_identifier != system_identifier:
         return None, f"the newest backup {ref.id} belongs to another cluster (system identifier {ref.system_identifier})"
     if int(ref.physical.get("timeline", 0)) != timeline:

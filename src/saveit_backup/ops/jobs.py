@@ -2,8 +2,10 @@
 
 * ``full``: a physical full backup where one is configured (BACKUP_PGDATA, or
   BACKUP_PHYSICAL_MODE local/remote) and available in this build; otherwise a logical backup.
-* ``incremental``: a block-level incremental in local mode (BACKUP_PGDATA); skipped in remote
-  mode (WAL archiving keeps the RPO); a logical backup when no physical backup is configured.
+* ``incremental``: a block-level incremental in local mode (BACKUP_PGDATA); in remote mode
+  ``pg_basebackup --incremental`` where the server can (17+, summarize_wal on), else skipped (WAL
+  archiving keeps the RPO; a full backup every hour would cost too much); a logical backup when no
+  physical backup is configured.
 * ``logical``: a logical backup of the configured database.
 * ``verify``: re-read the newest backup (raises IntegrityError when damaged).
 * ``restore_test``: restore the newest logical backup into a scratch database (ops.restore_test).
@@ -70,10 +72,12 @@ def job_full(ctx: Context) -> Manifest:
 def job_incremental(ctx: Context) -> JobResult:
     s = ctx.settings
     if s.physical_mode == "remote" and not s.pgdata:
-        # Block-level incrementals read the data directory; remote ones need PostgreSQL 17's
-        # pg_basebackup --incremental. Continuous WAL archiving covers the hour meanwhile.
-        log.info("incremental backups need local mode (BACKUP_PGDATA): skipped; WAL archiving keeps the RPO")
-        return {"skipped": "incremental backups need local mode (BACKUP_PGDATA)"}
+        from saveit_backup.ops.native_incremental import unavailable
+
+        why = unavailable(s.dbname)
+        if why:  # an incr would fall back to a full backup every time: continuous WAL archiving covers the hour
+            log.info("remote incremental backups unavailable (%s): skipped; WAL archiving keeps the RPO", why)
+            return {"skipped": f"remote incremental backups unavailable: {why}"}
     if physical_configured(ctx):
         manifest = _physical(ctx, "incr")
         if manifest is not None:

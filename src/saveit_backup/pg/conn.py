@@ -83,8 +83,10 @@ def server_facts(conn: psycopg.Connection[Any]) -> ServerFacts:
     return ServerFacts(int(row[0]), str(row[1]), str(row[2]), bool(row[3]))
 
 
-def find_tool(name: str, bindir: str = "", server_major: int | None = None) -> str:
-    """Locate a client tool; refuse one older than the server (pg_dump would refuse later, less clearly)."""
+def find_tool(name: str, bindir: str = "", server_major: int | None = None, exact: bool = False) -> str:
+    """Locate a client tool; refuse one older than the server (pg_dump would refuse later, less clearly).
+
+    ``exact``: only the server's major will do (pg_combinebackup, pg_ctl for a restored data directory)."""
     candidates: list[Path] = []
     if bindir:
         candidates.append(Path(bindir) / name)
@@ -98,11 +100,14 @@ def find_tool(name: str, bindir: str = "", server_major: int | None = None) -> s
         if path.is_file() and os.access(path, os.X_OK):
             if server_major is not None:
                 major = tool_major(str(path))
-                if major < server_major:
+                if major < server_major or (exact and major != server_major):
                     continue
             return str(path)
     if server_major is not None and candidates:
         where = ", ".join(str(c.parent) for c in candidates)
+        if exact:
+            raise PgVersionMismatch(f"no {name} of PostgreSQL {server_major} found in {where}",
+                                    hint=f"install PostgreSQL {server_major}'s tools or set BACKUP_PG_BINDIR to their directory")
         raise PgVersionMismatch(f"{name} older than the server (PostgreSQL {server_major}) found in {where}")
     raise PgToolError(f"{name} not found", hint="install the PostgreSQL client tools or set BACKUP_PG_BINDIR")
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,19 +41,13 @@ from common import (
     today,
     update_section,
 )
+from incremental import run_pgbench
 
 from saveit_backup.pg.cluster import Cluster, embedded_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "Incremental backups, remote mode (issue 4)"
 MODES = ("remote", "local")
-
-
-def run_pgbench(cluster: Cluster, transactions: int) -> None:
-    clients = 4
-    log(f"pgbench: {transactions} transactions")
-    subprocess.run([cluster.tool("pgbench"), "-h", cluster.host, "-p", str(cluster.port), "-n", "-c", str(clients), "-j", "2",
-                    "-t", str(max(1, transactions // clients)), "postgres"], check=True, capture_output=True)
 
 
 def backup(cluster: Cluster, env: dict[str, str], mode: str, kind: str) -> tuple[Sample, dict[str, int]]:
@@ -113,7 +106,7 @@ def one_run(args: argparse.Namespace, bindir: str, transactions: int) -> tuple[i
             rows: Rows = []
             for step, kind in enumerate(("full", "incr", "incr")):
                 if step:
-                    run_pgbench(cluster, transactions)
+                    run_pgbench(cluster, "postgres", transactions)
                 for mode in MODES if step % 2 == 0 else reversed(MODES):
                     sample, sizes = backup(cluster, envs[mode], mode, kind)
                     log(f"{kind} {step}: {mode}: {sample.wall:.1f} s, {sizes['data'] / MB:.2f} MB stored")

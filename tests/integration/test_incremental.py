@@ -34,8 +34,17 @@ class Env:
     cluster: Cluster
     base: Path
     cli: Cli
+    where: tuple[str, ...] = ()  # how backups reach the data: --pgdata DIR (local) or --remote
+    snapshot: str = SNAPSHOT  # the query whose result stands for the database content at a backup
     backups: dict[str, dict[str, object]] = field(default_factory=dict)
     states: dict[str, str] = field(default_factory=dict)
+
+
+def seed(cluster: Cluster) -> None:
+    """Tables besides pgbench's: a small one changed between backups, one to drop."""
+    cluster.psql("CREATE TABLE small (id int PRIMARY KEY, v text);"
+                 " INSERT INTO small SELECT g, md5(g::text) FROM generate_series(1, 2000) g;"
+                 " CREATE TABLE dropme AS SELECT g FROM generate_series(1, 50000) g")
 
 
 def transactions(c: Cluster, count: int) -> None:
@@ -48,16 +57,14 @@ def transactions(c: Cluster, count: int) -> None:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("incr")
     cluster, _repo, cli = archiving_cluster(base, SCALE)
-    cluster.psql("CREATE TABLE small (id int PRIMARY KEY, v text);"
-                 " INSERT INTO small SELECT g, md5(g::text) FROM generate_series(1, 2000) g;"
-                 " CREATE TABLE dropme AS SELECT g FROM generate_series(1, 50000) g")
-    yield Env(cluster, base, cli)
+    seed(cluster)
+    yield Env(cluster, base, cli, ("--pgdata", str(cluster.datadir)))
     stop_clusters(base, cluster)
 
 
 def backup(env: Env, name: str, kind: str) -> dict[str, object]:
-    env.states[name] = env.cluster.psql(SNAPSHOT)
-    res = env.cli("--json", "backup", "--type", kind, "--pgdata", str(env.cluster.datadir))
+    env.states[name] = env.cluster.psql(env.snapshot)
+    res = env.cli("--json", "backup", "--type", kind, *env.where)
     out: dict[str, object] = json.loads(res.stdout)
     out["_stderr"] = res.stderr
     env.backups[name] = out

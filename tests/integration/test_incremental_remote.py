@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +20,8 @@ from saveit_backup.compose import Context
 from saveit_backup.domain.manifest import Manifest
 from saveit_backup.ops.jobs import job_incremental
 from saveit_backup.pg.cluster import Cluster
-from tests.fixtures.pg import Cli, archiving_cluster, stop_clusters
-from tests.integration.test_incremental import transactions
+from tests.fixtures.pg import archiving_cluster, stop_clusters
+from tests.integration.test_incremental import Env, backup, seed, transactions
 from tests.integration.test_physical import Mark, invariant, mark, recovered, stop, wait_archived
 
 pytestmark = pytest.mark.pg
@@ -39,33 +37,13 @@ SNAPSHOT = ("SELECT (SELECT count(*) FROM pgbench_history),"
             " (SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class WHERE relname IN ('dropme', 'newtab'))")
 
 
-@dataclass
-class Env:
-    cluster: Cluster
-    base: Path
-    cli: Cli
-    backups: dict[str, dict[str, object]] = field(default_factory=dict)
-    states: dict[str, str] = field(default_factory=dict)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, pg18_bindir: str) -> Iterator[Env]:
     base = tmp_path_factory.mktemp("rincr")
     cluster, _repo, cli = archiving_cluster(base, SCALE, pg18_bindir, {"summarize_wal": "on"})
-    cluster.psql("CREATE TABLE small (id int PRIMARY KEY, v text);"
-                 " INSERT INTO small SELECT g, md5(g::text) FROM generate_series(1, 2000) g;"
-                 " CREATE TABLE dropme AS SELECT g FROM generate_series(1, 50000) g")
-    yield Env(cluster, base, cli)
+    seed(cluster)
+    yield Env(cluster, base, cli, ("--remote",), SNAPSHOT)
     stop_clusters(base, cluster)
-
-
-def backup(env: Env, name: str, kind: str) -> dict[str, object]:
-    env.states[name] = env.cluster.psql(SNAPSHOT)
-    res = env.cli("--json", "backup", "--type", kind, "--remote")
-    out: dict[str, object] = json.loads(res.stdout)
-    out["_stderr"] = res.stderr
-    env.backups[name] = out
-    return out
 
 
 def physical(b: dict[str, object]) -> dict[str, object]:

@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--delta", action="store_true", help="rewrite only files that differ (physical)")
     r.add_argument("--force", action="store_true", help="allow a non-empty target directory (physical)")
     r.add_argument("--port", type=int, help="port for --start (physical)")
+    r.add_argument("--archive-mode", choices=["preserve", "off"], default="preserve",
+                   help="off: the restored server does not archive WAL (a copy for tests or inspection; physical)")
     r.set_defaults(handler=cmd_restore)
 
     e = sub.add_parser("expire", help="apply retention")

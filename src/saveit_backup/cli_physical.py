@@ -92,7 +92,8 @@ def physical_restore(args: argparse.Namespace, ctx: Context, progress: Progress)
         raise ConfigError(f"--timeline {timeline!r}: use 'latest', 'current' or a number")
     req = RestoreRequest(backup=args.id or "latest", target_dir=args.target_dir, target=recovery_target(args), timeline=timeline,
                          action=args.target_action, start=args.start, force=args.force, delta=args.delta, port=args.port,
-                         jobs=args.jobs or ctx.settings.jobs, config_file=args.config or os.environ.get("BACKUP_CONFIG"))
+                         jobs=args.jobs or ctx.settings.jobs, config_file=args.config or os.environ.get("BACKUP_CONFIG"),
+                         archive_mode=args.archive_mode)
     report = restore_physical(ctx, req, progress)
     body = report.to_dict()
     if args.json:

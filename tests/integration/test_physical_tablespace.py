@@ -58,7 +58,7 @@ def test_encrypted_backup_with_tablespace_restores_to_a_point_in_time(env: tuple
 
     target = base / "r_ts"
     res = cli("--config", cfg, "--json", "restore", "--target-dir", str(target), "--time", target_time,
-              "--target-action", "pause", "--start")
+              "--target-action", "pause", "--archive-mode", "off", "--start")
     report = json.loads(res.stdout)
     relocated = Path(f"{target}.tblspc") / oid
     assert report["tablespaces"] == [{"oid": oid, "location": str(relocated)}]
@@ -67,6 +67,7 @@ def test_encrypted_backup_with_tablespace_restores_to_a_point_in_time(env: tuple
         assert restored.psql(CONTENT) == at_mark
         assert restored.psql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts1'") == str(relocated)
         assert restored.psql("SELECT count(*) FROM t_ts WHERE payload = 'after the mark'") == "0"
+        assert restored.psql("SHOW archive_mode") == "off"  # --archive-mode off: this copy never archives
         # the index in the tablespace is usable: an index scan finds a row
         plan = restored.psql("SET enable_seqscan = off; EXPLAIN SELECT payload FROM t_ts WHERE id = 42")
         assert "Index" in plan

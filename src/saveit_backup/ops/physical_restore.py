@@ -74,6 +74,7 @@ class RestoreRequest:
     jobs: int = 2
     config_file: str | None = None
     start_timeout: float = START_TIMEOUT
+    archive_mode: str = "preserve"  # "off": the restored copy does not archive into the repository (a test copy)
 
 
 @dataclass
@@ -500,7 +501,8 @@ def restore_command(repo_url: str, config_file: str | None) -> str:
 def write_recovery(target: Path, settings: dict[str, str], manifest: Manifest) -> None:
     auto = target / "postgresql.auto.conf"
     lines = auto.read_text().splitlines(keepends=True) if auto.exists() else []
-    kept = [ln for ln in lines if ln.split("=", 1)[0].strip() not in RECOVERY_KEYS]
+    replaced = set(RECOVERY_KEYS) | set(settings)
+    kept = [ln for ln in lines if ln.split("=", 1)[0].strip() not in replaced]
     kept.append(f"# saveit-backup: recovery from backup {manifest.id}\n")
     kept += [f"{k} = {v}\n" for k, v in settings.items()]
     auto.write_text("".join(kept))
@@ -603,6 +605,8 @@ def restore_physical(ctx: Context, req: RestoreRequest, progress: Progress) -> P
     try:
         command = restore_command(ctx.settings.repository_url, req.config_file)
         settings = recovery_settings(req.target, command, req.timeline, req.action)  # type: ignore[arg-type]
+        if req.archive_mode == "off":
+            settings["archive_mode"] = "'off'"
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     report = PhysicalRestoreReport(manifest.id, str(target), req.target.describe(), settings)

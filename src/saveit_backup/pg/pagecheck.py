@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from functools import reduce
 from operator import xor
+from typing import Any
 
 BLCKSZ = 8192
 RELSEG_SIZE = 131072  # blocks per relation segment file (1 GiB)
@@ -63,7 +64,7 @@ def checksum_page_slow(page: bytes, blkno: int) -> int:
 GROUP_PAGES = 512  # pages per vectorised batch (4 MiB, one backup read): few, larger numpy calls, few GIL hand-offs
 
 
-def _folds(data: bytes | bytearray | memoryview) -> list[int]:
+def _folds(data: bytes | bytearray | memoryview) -> Any:
     """The block-independent part of the checksum (XOR of the 32 lanes) of every full page of ``data``.
 
     numpy runs each of the 66 rounds over all lanes of all pages of a batch at once (uint32
@@ -75,7 +76,7 @@ def _folds(data: bytes | bytearray | memoryview) -> list[int]:
     npages = len(data) // BLCKSZ
     prime, shift = np.uint32(FNV_PRIME), np.uint32(17)
     base = np.array(BASE_OFFSETS, dtype=np.uint32)
-    out: list[int] = []
+    out: list[Any] = []
     for g in range(0, npages, GROUP_PAGES):
         n = min(GROUP_PAGES, npages - g)
         words = np.frombuffer(data, dtype="<u4", count=n * BLCKSZ // 4, offset=g * BLCKSZ).reshape(n, ROWS, N_SUMS)
@@ -92,17 +93,23 @@ def _folds(data: bytes | bytearray | memoryview) -> list[int]:
             np.right_shift(tmp, shift, out=shifted)
             np.multiply(tmp, prime, out=sums)
             np.bitwise_xor(sums, shifted, out=sums)
-        out += np.bitwise_xor.reduce(sums, axis=1).tolist()
-    return out
+        out.append(np.bitwise_xor.reduce(sums, axis=1))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint32)
 
 
-def _final(fold: int, blkno: int) -> int:
-    return ((fold ^ blkno) & 0xFFFFFFFF) % 65535 + 1
+def _final(folds: Any, blknos: Any) -> Any:
+    """Checksums from folds and block numbers (numpy arrays): ``(fold ^ blkno) % 65535 + 1`` in 32 bits."""
+    import numpy as np
+
+    return ((folds.astype(np.uint64) ^ blknos) & np.uint64(0xFFFFFFFF)) % np.uint64(65535) + np.uint64(1)
 
 
 def checksum_pages(data: bytes | bytearray | memoryview, first_blkno: int) -> list[int]:
     """``pg_checksum_page`` of every full page of ``data`` (blocks ``first_blkno`` onward), vectorised."""
-    return [_final(f, first_blkno + p) for p, f in enumerate(_folds(data))]
+    import numpy as np
+
+    folds = _folds(data)
+    return [int(x) for x in _final(folds, np.arange(len(folds), dtype=np.uint64) + np.uint64(first_blkno))]
 
 
 @dataclass(frozen=True)
@@ -127,15 +134,15 @@ def check_chunk(data: bytes | bytearray | memoryview, first_blkno: int, max_lsn:
     pages = np.frombuffer(data, dtype="<u4", count=npages * BLCKSZ // 4).reshape(npages, BLCKSZ // 4)
     lsn = (pages[:, 0].astype(np.uint64) << np.uint64(32)) | pages[:, 1]
     new = (pages[:, 3] >> np.uint32(16)) == 0  # pd_upper == 0
-    bad: list[BadPage] = [BadPage(first_blkno + int(p), 0, -1) for p in np.flatnonzero(new & pages.any(axis=1))]
+    fresh = np.flatnonzero(new)
+    bad: list[BadPage] = [BadPage(first_blkno + int(p), 0, -1) for p in fresh[pages[fresh].any(axis=1)]]
     candidates = np.flatnonzero(~new & (lsn < np.uint64(max_lsn)))
     if candidates.size == 0:
         return 0, bad
     batch = data if candidates.size == npages else pages[candidates].tobytes()
     found = pages[candidates, 2] & np.uint32(0xFFFF)
-    for p, fold, stored in zip(candidates.tolist(), _folds(batch), found.tolist(), strict=True):
-        expected = _final(fold, first_blkno + p)
-        if expected != stored:
-            bad.append(BadPage(first_blkno + p, expected, stored))
+    expected = _final(_folds(batch), candidates.astype(np.uint64) + np.uint64(first_blkno))  # vectorised: no per-page Python
+    for i in np.flatnonzero(expected != found).tolist():
+        bad.append(BadPage(first_blkno + int(candidates[i]), int(expected[i]), int(found[i])))
     bad.sort(key=lambda b: b.block)
     return int(candidates.size), bad

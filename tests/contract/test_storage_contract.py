@@ -372,7 +372,11 @@ def test_registry(tmp_path: Path) -> None:
     for url in ("gs://bucket/x", "az://container/x"):
         with pytest.raises(ConfigError, match="not supported yet"):
             open_storage(url)
-    for url in ("ftp://host/x", "file://otherhost/x", "s3:///nobucket", ""):
+    for url, root in ((f"file://localhost{tmp_path}/r3", f"{tmp_path}/r3"), (f"file://{tmp_path}/a%20b", f"{tmp_path}/a b"),
+                      (f"FILE://{tmp_path}/r4", f"{tmp_path}/r4")):
+        store = open_storage(url)
+        assert isinstance(store, LocalStorage) and store.root == root, url
+    for url in ("ftp://host/x", "file://otherhost/x", "file://otherhost/x%20y", "file://relative", "s3:///nobucket", ""):
         with pytest.raises(ConfigError):
             open_storage(url)
 

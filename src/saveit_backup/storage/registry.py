@@ -57,17 +57,23 @@ def open_storage(url: str, s3: S3Options | None = None) -> Storage:
 
 
 def _file_path(url: str) -> str:
-    from urllib.parse import unquote, urlsplit
+    rest = url.split("://", 1)[1]
+    if any(c in rest for c in "%?#"):  # quoting, query or fragment: let urllib decide (not wal-push's common path)
+        from urllib.parse import unquote, urlsplit
 
-    parts = urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
+        parts = urlsplit(url)
+        host, path = parts.netloc, unquote(parts.path)
+    else:
+        host, slash, tail = rest.partition("/")
+        path = slash + tail
+    if host not in ("", "localhost"):
         raise ConfigError(
             f"file URL {url!r} names a host; only local paths are supported",
             hint="write file:///absolute/path (three slashes)",
         )
-    if not parts.path.startswith("/"):
+    if not path.startswith("/"):
         raise ConfigError(f"file URL {url!r} is not absolute", hint="write file:///absolute/path")
-    return unquote(parts.path)
+    return path
 
 
 def _local(path: str) -> Storage:

@@ -17,7 +17,6 @@ only what pushing needs (no psycopg, no full CLI parser).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -79,6 +78,8 @@ def _chunks(fd: int) -> Iterator[bytes]:
 
 
 def _file_sha256(fd: int) -> str:
+    import hashlib  # only when a digest is needed (loads OpenSSL)
+
     h = hashlib.sha256()
     for chunk in _chunks(fd):
         h.update(chunk)
@@ -141,6 +142,8 @@ def _compare_existing(repo: Repository, key: str, name: str, local_sha256: str) 
     try:
         stored = describe(repo.storage.open(key), key).get("sha256")
         if not stored:
+            import hashlib
+
             h = hashlib.sha256()
             for chunk in repo.read_object(key):
                 h.update(chunk)

@@ -22,7 +22,6 @@ See docs/format.md for the byte layout.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
@@ -55,6 +54,8 @@ def _aesgcm(key: bytes) -> Any:
 
 @lru_cache(maxsize=8)
 def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    import hashlib  # hashlib loads OpenSSL: kept off wal-push's path for unencrypted repositories
+
     return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, maxmem=256 << 20, dklen=32)
 
 
@@ -75,6 +76,8 @@ def parse_public_key(text: str) -> bytes:
 
 
 def fingerprint(public_raw: bytes) -> str:
+    import hashlib
+
     return hashlib.sha256(public_raw).hexdigest()[:16]
 
 

@@ -12,7 +12,6 @@ hashes and sizes the *plain* bytes as they pass (observers never change bytes);
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -51,7 +50,12 @@ class Digest:
 
 
 def _observe(chunks: Iterable[bytes], digest: Digest, hashing: bool) -> Iterator[bytes]:
-    h = hashlib.sha256() if hashing else None
+    if hashing:
+        import hashlib  # loads OpenSSL: not on wal-push's path, which does not hash
+
+        h = hashlib.sha256()
+    else:
+        h = None
     size = 0
     for chunk in chunks:
         if h is not None:

@@ -253,8 +253,6 @@ class Bench:
         return [
             self.saveit_backup("saveit local zstd-3", self.repo_plain, ["--pgdata", d]),
             self.saveit_backup("saveit local zstd-3 no-verify", self.repo_plain, ["--pgdata", d, "--no-verify-checksums"]),
-            self.saveit_backup("saveit local zstd-3 single-thread codec", self.repo_plain, ["--pgdata", d],
-                               BACKUP_COMPRESSION_THREADS="0"),
             self.saveit_backup("saveit remote zstd-3", self.repo_plain, ["--remote"]),
             self.saveit_backup("saveit local lz4", self.repo_plain, ["--pgdata", d], codec="lz4"),
             self.saveit_backup("saveit local zstd-3 encrypted", self.repo_enc, ["--pgdata", d], encrypted=True),

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("saveit_backup.wal")
 
 DEFAULT_IDLE_EXIT = 30.0
+POLL_SECONDS = 0.01  # how soon a new .ready file or request is seen (a scandir of archive_status: cheap)
 ERROR_RETRY_SECONDS = 5.0
 
 
@@ -83,7 +84,7 @@ def _scan(spool: Spool, pg_wal: str) -> dict[str, str]:
 
 
 class Worker:
-    def __init__(self, settings: Settings, spool: Spool, pg_wal: str, jobs: int, idle_exit: float, poll: float = 0.05) -> None:
+    def __init__(self, settings: Settings, spool: Spool, pg_wal: str, jobs: int, idle_exit: float, poll: float = POLL_SECONDS) -> None:
         self.settings = settings
         self.spool = spool
         self.pg_wal = pg_wal

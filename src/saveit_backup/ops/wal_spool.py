@@ -140,7 +140,7 @@ def push_async(settings: Settings, path: str, timeout: float = DEFAULT_TIMEOUT,
                 start_worker(spool, pg_wal, cli_values or {}, config_file)
             next_check = now + 1.0
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.05)
+        delay = min(delay * 1.5, 0.01)  # PostgreSQL waits on this call: look again soon
 
 
 def _consume(spool: Spool, name: str, errors_too: bool = True) -> str | None:

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,6 +98,17 @@ def pgbackrest(conf: Path, kind: str) -> tuple[Sample, dict[str, int]]:
     return s, {"data": data, "total": data}
 
 
+def drain_archive(cluster: Cluster, timeout: float = 900.0) -> None:
+    """Switch WAL and wait until PostgreSQL's archiver has nothing left to push (both tools' archives)."""
+    cluster.psql("SELECT pg_switch_wal()")
+    status = cluster.datadir / "pg_wal" / "archive_status"
+    deadline = time.monotonic() + timeout
+    while any(n.endswith(".ready") for n in os.listdir(status)):
+        if time.monotonic() > deadline:
+            raise SystemExit("the archiver did not catch up: " + cluster.psql("SELECT last_failed_wal FROM pg_stat_archiver"))
+        time.sleep(0.2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", type=int, default=100)
@@ -130,6 +142,7 @@ def main() -> None:
                     run_pgbench(cluster, "postgres", args.transactions)
                 order = ["saveit-backup", "pgBackRest"] if step % 2 == 0 else ["pgBackRest", "saveit-backup"]
                 for tool in order:
+                    drain_archive(cluster)  # neither tool waits for WAL the other tool's turn produced
                     log(f"{kind}: {tool}")
                     sample, sizes = ours(cluster, env, kind) if tool == "saveit-backup" else pgbackrest(pgbr_conf, kind)
                     log(f"{kind}: {tool}: {sample.wall:.1f} s, {sizes['data'] / MB:.1f} MB stored")

@@ -13,6 +13,13 @@ FAST_COMMANDS = ("wal-push", "wal-fetch")
 
 def main() -> int:
     argv = sys.argv[1:]
+    if argv[:1] == ["wal-push"]:
+        import os
+
+        from saveit_backup.ops.wal_spool import acknowledged
+
+        if acknowledged(argv[1:], os.environ):  # async mode, already pushed by the worker: nothing else to load
+            return 0
     if argv and argv[0] in FAST_COMMANDS:
         from saveit_backup.cli_wal import fast_main
 

@@ -89,3 +89,44 @@ def test_recipient_only_writer_compares_by_header_hash(tmp_path: Path) -> None:
     other.mkdir()
     with pytest.raises(WalMismatch):
         push_file(writer, str(segment(other, 7, fill=4)))
+
+
+# --- the async client's fast acknowledgement ---------------------------------------------------
+NAME = "000000010000000000000042"
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "config_text", "ack", "expected"),
+    [
+        (["--async", "{path}"], {}, None, "stored", True),
+        (["{path}", "--async", "--timeout", "5", "--repo=file:///r"], {}, None, "stored", True),
+        (["{path}"], {"BACKUP_ARCHIVE_ASYNC": "true"}, None, "stored", True),
+        (["{path}"], {}, None, "stored", False),  # sync push: never acknowledged here
+        (["{path}"], {"BACKUP_CONFIG": "{cfg}"}, "archive_async = true\n", "stored", False),  # the file decides: full path
+        (["--async", "{path}"], {"BACKUP_CONFIG": "{cfg}"}, 'repository = "file:///r"\n', "stored", True),
+        (["--async", "{path}"], {"BACKUP_CONFIG": "{cfg}"}, 'spool_dir = "/elsewhere"\n', "stored", False),
+        (["--async", "{path}"], {}, None, DROPPED, False),  # the full path reports a dropped file
+        (["--async", "{path}"], {}, None, None, False),  # not pushed yet
+        (["--async", "-v", "{path}"], {}, None, "stored", False),
+        (["--async", "--unknown", "{path}"], {}, None, "stored", False),
+        (["--async", "{path}", "extra"], {}, None, "stored", False),
+        (["--async", "--config"], {}, None, "stored", False),
+    ],
+)
+def test_acknowledged(tmp_path: Path, args: list[str], environ: dict[str, str], config_text: str | None, ack: str | None,
+                      expected: bool) -> None:
+    from saveit_backup.ops.wal_spool import acknowledged
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create()
+    path, cfg = str(tmp_path / "pg_wal" / NAME), str(tmp_path / "saveit.toml")
+    if config_text is not None:
+        Path(cfg).write_text(config_text)
+    if ack is not None:
+        Path(spool.ok(NAME)).write_text(ack)
+    Path(spool.request(NAME)).write_text(path)
+    env = {"BACKUP_SPOOL_DIR": spool.root, **{k: v.format(cfg=cfg) for k, v in environ.items()}}
+    if config_text is not None and "spool_dir" in config_text:
+        del env["BACKUP_SPOOL_DIR"]
+    assert acknowledged([a.format(path=path) for a in args], env) is expected
+    assert Path(spool.request(NAME)).exists() is not expected  # an acknowledged request is consumed

@@ -1,8 +1,9 @@
 """Asynchronous archiving, the client side: the spool and ``wal-push --async``.
 
-This is what PostgreSQL runs once per WAL file in async mode, so it imports almost nothing:
-when the worker (``ops.wal_async``, which documents the spool layout) has pushed the file
-ahead, a call is a config read and one ``open``.
+This is what PostgreSQL runs once per WAL file in async mode, so it imports almost nothing
+(not even ``typing``): when the worker (``ops.wal_async``, which documents the spool layout) has
+pushed the file ahead, ``acknowledged`` answers from the environment and one ``open``, before the
+configuration and the CLI are loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import fcntl
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 from saveit_backup import errors
 from saveit_backup.errors import ConfigError, SaveitError, TransientStorageError
@@ -22,7 +22,10 @@ try:  # CPython's built-in SHA-256: the same digest as hashlib's without loading
 except ImportError:  # pragma: no cover - other interpreters
     from hashlib import sha256 as _sha256
 
+TYPE_CHECKING = False  # typing costs milliseconds of every archive_command; mypy still reads this block
 if TYPE_CHECKING:
+    from typing import Any
+
     from saveit_backup.config import Settings
 
 DEFAULT_TIMEOUT = 60.0
@@ -30,15 +33,32 @@ LOG_ROTATE_BYTES = 10 << 20
 DROPPED = "dropped"
 
 
-class Spool(NamedTuple):
-    """The spool of one cluster (layout in the module docstring of ``ops.wal_async``)."""
+class Spool:
+    """The spool of one cluster (layout in the module docstring of ``ops.wal_async``). A value object."""
 
-    root: str
+    __slots__ = ("root",)
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Spool) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def __repr__(self) -> str:
+        return f"Spool({self.root!r})"
 
     @classmethod
     def for_cluster(cls, settings: Settings, pg_wal: str) -> Spool:
-        if settings.spool_dir:
-            return cls(os.path.abspath(settings.spool_dir))
+        return cls.at(settings.spool_dir, pg_wal)
+
+    @classmethod
+    def at(cls, spool_dir: str, pg_wal: str) -> Spool:
+        """``spool_dir`` (BACKUP_SPOOL_DIR) if set, else one per cluster under /var/tmp."""
+        if spool_dir:
+            return cls(os.path.abspath(spool_dir))
         digest = _sha256(os.path.realpath(pg_wal).encode()).hexdigest()[:12]
         return cls(f"/var/tmp/saveit-spool-{digest}")
 
@@ -109,6 +129,61 @@ def write_atomic(path: str, text: str) -> None:
 
 
 # --- client: wal-push --async -----------------------------------------------------------
+_TRUE = ("1", "true", "yes", "on")  # as config.TRUE
+_VALUE_OPTIONS = ("--config", "--repo", "--timeout")
+
+
+def acknowledged(args: list[str], environ: dict[str, str] | os._Environ[str]) -> bool:
+    """``wal-push [--async] PATH`` whose file the worker has already pushed: consume the ack, True.
+
+    PostgreSQL's common case in async mode, answered before the configuration and the CLI load.
+    False whenever anything needs them (no ``--async`` nor BACKUP_ARCHIVE_ASYNC, a config file that
+    sets the spool or async mode, --verbose, an unknown option, a dropped or failed file, no ack
+    yet): the caller then runs the full ``wal-push``, which decides and reports.
+    """
+    path, use_async, config_file = None, False, environ.get("BACKUP_CONFIG")
+    rest = iter(args)
+    for arg in rest:
+        flag, eq, value = arg.partition("=")
+        if arg == "--async":
+            use_async = True
+        elif flag in _VALUE_OPTIONS:
+            value = value if eq else next(rest, "")
+            if not value:
+                return False
+            if flag == "--config":
+                config_file = value
+        elif arg.startswith("-") or path is not None:
+            return False
+        else:
+            path = arg
+    if path is None:
+        return False
+    use_async = use_async or environ.get("BACKUP_ARCHIVE_ASYNC", "").strip().lower() in _TRUE
+    spool_dir = environ.get("BACKUP_SPOOL_DIR")
+    if config_file and (spool_dir is None or not use_async):
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError:
+            return False
+        if (spool_dir is None and "spool_dir" in text) or (not use_async and "archive_async" in text):
+            return False
+    if not use_async:
+        return False
+    path = os.path.abspath(path)
+    name = os.path.basename(path)
+    spool = Spool.at(spool_dir or "", os.path.dirname(path))
+    try:
+        with open(spool.ok(name)) as f:
+            if f.read().strip() == DROPPED:
+                return False
+    except OSError:
+        return False
+    unlink_missing_ok(spool.request(name))
+    return True
+
+
 def push_async(settings: Settings, path: str, timeout: float = DEFAULT_TIMEOUT,
                cli_values: dict[str, Any] | None = None, config_file: str | None = None) -> str:
     """Return "pushed" or "dropped" once the worker has handled ``path``; raise its error otherwise."""

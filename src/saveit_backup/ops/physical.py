@@ -53,7 +53,6 @@ from saveit_backup.pg import pagecheck
 from saveit_backup.pg.conn import ServerFacts, connect, find_tool, server_facts, split_password, tool_env
 from saveit_backup.pipeline.envelope import Digest, EncodeOptions
 from saveit_backup.pipeline.tartap import TarMemberTap
-from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 
@@ -62,7 +61,6 @@ log = logging.getLogger(__name__)
 READ_SIZE = 4 << 20  # bigger reads: fewer Python-level steps per byte (checksums, hashing, zstd)
 BIG_FILE = 1 << 20  # files at least this big are objects of their own
 PACK_TARGET = 16 << 20  # small files are bundled into packs of about this size
-OVERLAP_FILE = 16 << 20  # files at least this big are read (backup) or decoded (restore) in a helper thread
 WAL_TIMEOUT = 300.0  # seconds to wait for the backup's WAL to reach the repository
 MAX_BAD_PAGES = 1000  # recorded per backup; the count goes on
 
@@ -285,10 +283,7 @@ def _store_object(repo: Repository, bid: str, name: str, files: list[FileEntry],
         f = files[0]
         f.object, f.offset = name, 0
         # The object's plain bytes are the file's: FileReader's SHA-256 is the object's, hash once.
-        chunks = reader.chunks(f)
-        if f.size >= OVERLAP_FILE:  # read, hash and check in a thread while this one compresses (the critical path)
-            chunks = read_ahead(chunks, depth=4)
-        digest = repo.put_object(key, chunks, options._replace(hash=False))
+        digest = repo.put_object(key, reader.chunks(f), options._replace(hash=False))
         digest.plain_sha256 = f.sha256
         return _entry(name, digest)
 

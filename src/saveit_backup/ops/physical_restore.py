@@ -44,11 +44,9 @@ from saveit_backup.domain.pitr import PhysicalBackup, RecoveryTarget, choose_bac
 from saveit_backup.domain.wal import Lsn, history_file_name, parse_history
 from saveit_backup.errors import BackupNotFound, ConfigError, IntegrityError, NotFound, PgToolError, RestoreRefused
 from saveit_backup.ops import incremental, native_incremental
-from saveit_backup.ops.physical import OVERLAP_FILE
 from saveit_backup.ops.progress import Progress
 from saveit_backup.pg.cluster import free_port
 from saveit_backup.pg.conn import find_tool
-from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 
@@ -285,10 +283,7 @@ class Writer:
         if not todo:
             return 0
         if len(entries) == 1 and entries[0]["offset"] == 0 and (name.startswith("f") or entries[0].get("own")):
-            chunks = self.repo.read_object(key)
-            if entries[0]["size"] >= OVERLAP_FILE:  # decode in a thread while this one hashes and writes
-                chunks = read_ahead(chunks, depth=8)
-            self._write(entries[0], chunks)
+            self._write(entries[0], self.repo.read_object(key))
             return int(entries[0]["size"])
         data = b"".join(self.repo.read_object(key))
         view = memoryview(data)
@@ -430,6 +425,8 @@ def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: Phys
 def _extract_with_tar(tar_tool: str, chunks: Iterable[bytes], target: Path, backup_id: str) -> None:
     """GNU tar in C (it refuses absolute and ``..`` member names); decoding runs in a read-ahead thread."""
     import subprocess
+
+    from saveit_backup.pipeline.threads import read_ahead
 
     proc = subprocess.Popen([tar_tool, "-x", "-f", "-", "-C", str(target), "--no-same-owner", "--no-same-permissions"],
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE)

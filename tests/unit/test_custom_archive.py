@@ -387,3 +387,13 @@ def test_rechunk_with_an_unknown_version_passes_bytes_through() -> None:
     bad = _replace(data, 6, bytes([17]))
     rec, out = rechunk_split(bad, [1000])
     assert out == bad and rec.patches() == []
+
+
+def test_rechunk_many_small_tables_in_one_chunk() -> None:
+    entries = [Entry(i, "TABLE DATA", data=rows(i % 7)) for i in range(1, 3001)]
+    entries.append(Entry(4000, "TABLE DATA", data=rows(30000, 40)))
+    data, starts = build(entries)
+    for cuts in ([], [len(data) // 2]):
+        rec, out = rechunk_split(data, cuts)  # windows: not the whole rest of the input once per table
+        check_rechunked(entries, data, starts, rec, out)
+        assert (rec.rechunked, rec.unchanged) == (3001, 0)

@@ -65,6 +65,7 @@ K_OFFSET_NO_DATA = 3
 COMPRESSION_NONE = 0
 _NAME_LIMIT = 1024  # tags and descs longer than this are skipped, not kept
 CHUNK_TARGET = 64 * 1024  # payload bytes per data chunk when re-chunking
+_WINDOW_MIN, _WINDOW_MAX = 64 * 1024, 4 * 1024 * 1024  # bytes of a data block looked at in one go
 
 # Requests from the parser coroutine to the feeder: read N bytes (sent back), skip N bytes, consume
 # through the first run of N zero bytes, or re-chunk a data block (N: the int size).
@@ -99,7 +100,7 @@ class Patch:
 class _Chain:
     """What one look at a data block's bytes found: payload bytes, and how the bytes end."""
 
-    payload: bytes  # the rows' bytes with their chunk headers removed
+    payload: memoryview  # the rows' bytes with their chunk headers removed
     rows: int  # chunk headers removed (the end marker not counted)
     used: int  # bytes of the input consumed
     ended: bool  # the end marker was consumed
@@ -107,14 +108,28 @@ class _Chain:
     carry: bytes  # an incomplete chunk header at the end, kept for the next bytes
 
 
-def _chain(buf: bytes, int_size: int) -> _Chain | None:
+class _Scratch:
+    """A reusable boolean array (fresh large arrays cost page faults on every window)."""
+
+    def __init__(self) -> None:
+        self.array = np.empty(0, bool)
+
+    def get(self, n: int) -> np.ndarray:
+        if len(self.array) < n:
+            self.array = np.empty(max(n, 2 * len(self.array)), bool)
+        return self.array[:n]
+
+
+def _chain(buf: bytes, int_size: int, scratch: _Scratch) -> _Chain | None:
     """Chunk headers in ``buf`` (which starts at one), found in bulk; None unless they chain up exactly."""
     hdr = 1 + int_size
     n = len(buf)
     if n < hdr:
-        return _Chain(b"", 0, n, False, 0, buf)
+        return _Chain(memoryview(b""), 0, n, False, 0, buf)
     arr = np.frombuffer(buf, np.uint8)
-    newlines = np.flatnonzero(arr == 10)
+    work = scratch.get(n)
+    np.equal(arr, 10, out=work)
+    newlines = np.flatnonzero(work)
     cand = np.empty(len(newlines) + 1, np.int64)
     cand[0] = 0
     np.add(newlines, 1, out=cand[1:])
@@ -163,10 +178,11 @@ def _chain(buf: bytes, int_size: int) -> _Chain | None:
             return None
         end = min(e, n)
         used, ended, need, carry = n, False, max(0, e - n), buf[e:] if e < n else b""
-    mask = np.ones(end, bool)
+    mask = scratch.get(end)
+    mask.fill(True)
     for k in range(hdr):
         mask[heads + k] = False
-    return _Chain(arr[:end][mask].tobytes(), len(heads), used, ended, need, carry)
+    return _Chain(memoryview(arr[:end][mask]), len(heads), used, ended, need, carry)
 
 
 class _Rechunker:
@@ -174,7 +190,7 @@ class _Rechunker:
 
     def __init__(self, int_size: int) -> None:
         self.int_size = int_size
-        self.pending: list[bytes] = []  # payload not yet written as a chunk
+        self.pending: list[bytes | memoryview] = []  # payload not yet written as a chunk
         self.pending_n = 0
         self.need = 0  # payload bytes of the current input chunk still to come
         self.carry = b""  # part of an input chunk header
@@ -182,6 +198,8 @@ class _Rechunker:
         self.written = 0  # output bytes given
         self.rows = 0
         self.chunks = 0
+        self.window = _WINDOW_MIN
+        self.scratch = _Scratch()
 
     def _header(self, n: int) -> bytes:
         return b"\0" + n.to_bytes(self.int_size, "little")
@@ -190,19 +208,21 @@ class _Rechunker:
         out.append(piece)
         self.written += len(piece)
 
-    def _add(self, out: _Out, payload: bytes) -> None:
-        if payload:
-            self.pending.append(payload)
-            self.pending_n += len(payload)
-        if self.pending_n >= CHUNK_TARGET:
-            data = memoryview(b"".join(self.pending))
-            whole = len(data) - len(data) % CHUNK_TARGET
-            for k in range(0, whole, CHUNK_TARGET):
-                self._emit(out, self._header(CHUNK_TARGET))
-                self._emit(out, data[k:k + CHUNK_TARGET])
-                self.chunks += 1
-            rest = bytes(data[whole:])
-            self.pending, self.pending_n = ([rest] if rest else []), len(rest)
+    def _add(self, out: _Out, payload: bytes | memoryview) -> None:
+        """Queue payload; write each full chunk as its header then the queued pieces (no joining here)."""
+        view = memoryview(payload)
+        while self.pending_n + len(view) >= CHUNK_TARGET:
+            take = CHUNK_TARGET - self.pending_n
+            self._emit(out, self._header(CHUNK_TARGET))
+            for piece in self.pending:
+                self._emit(out, piece)
+            self._emit(out, view[:take])
+            self.chunks += 1
+            self.pending, self.pending_n = [], 0
+            view = view[take:]
+        if len(view):
+            self.pending.append(view)
+            self.pending_n += len(view)
 
     def _flush(self, out: _Out) -> None:
         if self.pending_n:
@@ -224,35 +244,42 @@ class _Rechunker:
         return carry
 
     def feed(self, chunk: bytes, i: int, out: _Out) -> tuple[int, bool | None]:
-        """Take input from ``chunk[i:]``: (new i, True at the block's end / None if it does not check out)."""
-        if self.need:
-            take = min(self.need, len(chunk) - i)
-            self._add(out, chunk[i:i + take])
-            self.need -= take
-            self.consumed += take
-            i += take
+        """Take input from ``chunk[i:]``: (new i, True at the block's end / None if it does not check out).
+
+        Short of the block's end (or a problem) it takes all of ``chunk``.  The bytes are looked at in
+        windows that start at 64 KiB and double up to 4 MiB while the block goes on, so that an input
+        chunk holding many small tables is not scanned to its end once per table.
+        """
+        end = len(chunk)
+        while i < end:
             if self.need:
-                return i, False
-        if i == len(chunk):
-            return i, False
-        base = len(self.carry)
-        buf = self.carry + chunk[i:] if base else (chunk if i == 0 else chunk[i:])
-        try:
-            found = _chain(buf, self.int_size)
-        except Exception as exc:  # a bug here must not fail a restore
-            log.debug("re-chunking stopped: %r", exc)
-            found = None
-        if found is None:
-            return i, None
-        self._add(out, found.payload)
-        self.rows += found.rows
-        self.consumed += found.used - base
-        self.need, self.carry = found.need, found.carry
-        i += found.used - base
-        if found.ended:
-            self._flush(out)
-            self._emit(out, bytes(1 + self.int_size))
-            return i, True
+                take = min(self.need, end - i)
+                self._add(out, chunk[i:i + take])
+                self.need -= take
+                self.consumed += take
+                i += take
+                continue
+            base = len(self.carry)
+            stop = min(end, i + max(self.window - base, 1 + self.int_size))
+            piece = chunk if i == 0 and stop == end else chunk[i:stop]
+            buf = self.carry + piece if base else piece
+            try:
+                found = _chain(buf, self.int_size, self.scratch)
+            except Exception as exc:  # a bug here must not fail a restore
+                log.debug("re-chunking stopped: %r", exc)
+                found = None
+            if found is None:
+                return i, None
+            self._add(out, found.payload)
+            self.rows += found.rows
+            self.consumed += found.used - base
+            self.need, self.carry = found.need, found.carry
+            i += found.used - base
+            if found.ended:
+                self._flush(out)
+                self._emit(out, bytes(1 + self.int_size))
+                return i, True
+            self.window = min(2 * self.window, _WINDOW_MAX)
         return i, False
 
 

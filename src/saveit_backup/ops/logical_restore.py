@@ -208,9 +208,10 @@ def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreReques
             # write table data in 64 KiB chunks instead (and record the data offsets of the written file)
             offsets = OffsetRecorder(rechunk=True)
             with open(path, "w+b") as out:
-                for chunk in read_ahead(stream, depth=8):  # decode in a thread while this one writes
-                    out.write(offsets.feed(chunk))
-                out.write(offsets.finish())
+                # decode in one thread, re-chunk in another, write in this one (numpy and zstd release the GIL)
+                for piece in read_ahead(map(offsets.feed, read_ahead(stream, depth=8)), depth=8):
+                    out.write(piece)
+                out.write(offsets.finish())  # the re-chunking thread has finished: its last item came through
                 out.flush()
                 # pg_dump wrote to a pipe: without data offsets pg_restore -j workers scan for their blocks
                 patched = patch_offsets(out.fileno(), offsets)

@@ -204,23 +204,18 @@ def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreReques
         with tempfile.TemporaryDirectory(prefix="saveit-restore-") as tmp:
             path = Path(tmp) / "archive.dump"
             started = time.monotonic()
-            # pg_dump -Z0 writes one data chunk per row, each sent as its own CopyData message by pg_restore:
-            # write table data in 64 KiB chunks instead (and record the data offsets of the written file)
-            offsets = OffsetRecorder(rechunk=True)
+            offsets = OffsetRecorder()
             with open(path, "w+b") as out:
-                # decode in one thread, re-chunk in another, write in this one (numpy and zstd release the GIL)
-                for piece in read_ahead(map(offsets.feed, read_ahead(stream, depth=8)), depth=8):
-                    out.write(piece)
-                out.write(offsets.finish())  # the re-chunking thread has finished: its last item came through
+                for chunk in read_ahead(stream, depth=8):  # decode in a thread while this one writes
+                    out.write(chunk)
+                    offsets.feed(chunk)
                 out.flush()
                 # pg_dump wrote to a pipe: without data offsets pg_restore -j workers scan for their blocks
                 patched = patch_offsets(out.fileno(), offsets)
             decoded = time.monotonic()
             _run(args + ["-j", str(req.jobs), str(path)], env, None)
-            log.info("restore phases: decode %.2f s (%d bytes, %d written; %d data blocks re-chunked, %d rows in %d chunks,"
-                     " %d left as they were; data offsets set for %d TOC entries), pg_restore -j%d %.2f s",
-                     decoded - started, offsets.size, offsets.out_size, offsets.rechunked, offsets.rows_in,
-                     offsets.chunks_out, offsets.unchanged, patched, req.jobs, time.monotonic() - decoded)
+            log.info("restore phases: decode %.2f s (%d bytes, data offsets set for %d TOC entries), pg_restore -j%d %.2f s",
+                     decoded - started, offsets.size, patched, req.jobs, time.monotonic() - decoded)
     else:
         _run(args, env, stream)
 

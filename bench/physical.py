@@ -237,6 +237,7 @@ class Bench:
     def file_backup(self, name: str, out: Path, command: list[str]) -> Contender:
         def before(rnd: int) -> None:
             rm(out) if out.is_dir() else out.unlink(missing_ok=True)
+            out.parent.mkdir(parents=True, exist_ok=True)  # whichever file contender runs first (see --contenders)
 
         def after(rnd: int, s: Sample) -> Mapping[str, float]:
             size = du(out)

@@ -1,5 +1,5 @@
 import sys
 
-from saveit_backup.cli import main
+from saveit_backup.entry import main
 
 sys.exit(main())

@@ -13,7 +13,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from saveit_backup.entry import FAST_COMMANDS
 from saveit_backup.errors import SaveitError
 from saveit_backup.units import human_bytes
 
@@ -348,11 +347,7 @@ def _setup_logging(args: argparse.Namespace, fmt: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    raw = list(sys.argv[1:] if argv is None else argv)
-    if raw and raw[0] in FAST_COMMANDS:  # archive/restore_command: skip the full parser (cold start)
-        from saveit_backup.cli_wal import fast_main
-
-        return fast_main(raw)
+    """The full command line (``entry.main`` sends wal-push/wal-fetch to their fast path first)."""
     args = build_parser().parse_args(argv)
     try:
         from saveit_backup import config

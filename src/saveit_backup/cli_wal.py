@@ -1,7 +1,7 @@
 """WAL commands: wal-push, wal-fetch (archive/restore_command), wal-receive, async worker and status.
 
 The console entry point (``entry.main``) sends ``wal-push`` and ``wal-fetch`` straight to
-``fast_main``, which parses their few options by hand (argparse only for help and errors) and
+``fast_main``, which parses their few options by hand (``wal_args``; argparse only for help and errors) and
 loads ``logging`` only with ``--verbose``: PostgreSQL starts one process per WAL file, so every
 import counts.  Both routes run the same ``run_push`` / ``run_fetch``.  Handlers import their
 dependencies when they run.
@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from saveit_backup.errors import SaveitError, WalNotFound
+from saveit_backup.wal_args import DEFAULTS, quick_args
 
 if TYPE_CHECKING:
     import argparse
+    from types import SimpleNamespace
 
     from saveit_backup.compose import Context
     from saveit_backup.config import Settings
@@ -47,7 +48,8 @@ def _add_push(sub: Any) -> None:
     p.add_argument("path", help="WAL file path (%%p)")
     p.add_argument("--async", dest="async_", action="store_true", default=None,
                    help="hand the file to a background worker that pushes ready files in parallel (env BACKUP_ARCHIVE_ASYNC)")
-    p.add_argument("--timeout", type=float, default=60.0, help="async: seconds to wait for the worker (default 60)")
+    p.add_argument("--timeout", type=float, default=DEFAULTS["wal-push"]["timeout"],
+                   help="async: seconds to wait for the worker (default 60)")
     _common(p)
     p.set_defaults(handler=cmd_wal_push)
 
@@ -56,7 +58,8 @@ def _add_fetch(sub: Any) -> None:
     p = sub.add_parser("wal-fetch", help="restore one WAL file (restore_command = 'saveit-backup wal-fetch %%f %%p')")
     p.add_argument("name", help="WAL file name (%%f)")
     p.add_argument("dest", help="destination path (%%p)")
-    p.add_argument("--prefetch", type=int, default=8, help="also fetch the next N segments into pg_wal/.saveit-prefetch (0: off)")
+    p.add_argument("--prefetch", type=int, default=DEFAULTS["wal-fetch"]["prefetch"],
+                   help="also fetch the next N segments into pg_wal/.saveit-prefetch (0: off)")
     p.add_argument("--abort-on-error", action="store_true",
                    help="exit 255 on failures other than 'not found', so PostgreSQL stops recovery instead of ending it")
     _common(p)
@@ -204,58 +207,6 @@ def _log_format(settings: Settings) -> None:
             handler.setFormatter(JsonFormatter())
 
 
-# option -> (attribute, takes a value, converter); what _quick_args cannot parse goes to argparse
-_OPTIONS: dict[str, dict[str, tuple[str, bool, Any]]] = {
-    "wal-push": {"--async": ("async_", False, True), "--timeout": ("timeout", True, float)},
-    "wal-fetch": {"--prefetch": ("prefetch", True, int), "--abort-on-error": ("abort_on_error", False, True)},
-}
-_COMMON = {"--config": ("wal_config", True, str), "--repo": ("wal_repo", True, str),
-           "--verbose": ("wal_verbose", False, True), "-v": ("wal_verbose", False, True)}
-_DEFAULTS: dict[str, dict[str, Any]] = {"wal-push": {"async_": None, "timeout": 60.0},
-                                        "wal-fetch": {"prefetch": 8, "abort_on_error": False}}
-_POSITIONAL = {"wal-push": ("path",), "wal-fetch": ("name", "dest")}
-
-
-def _quick_args(argv: Sequence[str]) -> SimpleNamespace | None:
-    """Parse ``wal-push``/``wal-fetch`` arguments as argparse would; None for anything else (help, errors)."""
-    command, rest = argv[0], list(argv[1:])
-    options = {**_OPTIONS[command], **_COMMON}
-    values: dict[str, Any] = {"command": command, "wal_config": None, "wal_repo": None, "wal_verbose": False,
-                              **_DEFAULTS[command]}
-    positional: list[str] = []
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--":
-            positional += rest
-            break
-        if not arg.startswith("-") or arg == "-":
-            positional.append(arg)
-            continue
-        flag, eq, inline = arg.partition("=")
-        spec = options.get(flag)
-        if spec is None:
-            return None
-        attr, takes_value, convert = spec
-        if not takes_value:
-            if eq:
-                return None
-            values[attr] = convert
-            continue
-        if not eq:
-            if not rest:
-                return None
-            inline = rest.pop(0)
-        try:
-            values[attr] = convert(inline)
-        except ValueError:
-            return None
-    names = _POSITIONAL[command]
-    if len(positional) != len(names):
-        return None
-    values.update(zip(names, positional, strict=True))
-    return SimpleNamespace(**values)
-
-
 def _parse_with_argparse(argv: Sequence[str]) -> argparse.Namespace:
     import argparse
 
@@ -268,7 +219,7 @@ def _parse_with_argparse(argv: Sequence[str]) -> argparse.Namespace:
 
 def fast_main(argv: Sequence[str]) -> int:
     """``wal-push`` / ``wal-fetch`` without the full parser or other commands' imports."""
-    args: Args | None = _quick_args(argv)
+    args: Args | None = quick_args(argv)
     if args is None:
         args = _parse_with_argparse(argv)
     if args.wal_verbose:

@@ -17,8 +17,9 @@ def main() -> int:
         import os
 
         from saveit_backup.ops.wal_spool import acknowledged
+        from saveit_backup.wal_args import quick_args
 
-        if acknowledged(argv[1:], os.environ):  # async mode, already pushed by the worker: nothing else to load
+        if acknowledged(quick_args(argv), os.environ):  # async mode, already pushed by the worker: nothing else to load
             return 0
     if argv and argv[0] in FAST_COMMANDS:
         from saveit_backup.cli_wal import fast_main

@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from saveit_backup import sample
 from saveit_backup.pg.cluster import Cluster, free_port
-from tests.fixtures.pg import CLI, Cli, Database, cli_for, new_database
+from tests.fixtures.pg import CLI, Cli, Database, cli_for, new_runbook_database
 from tests.fixtures.s3 import S3Server
 
 pytestmark = pytest.mark.pg
@@ -168,10 +167,7 @@ def hooks() -> Iterator[Hooks]:
 @pytest.fixture
 def app_db(pg_cluster: Cluster) -> Database:
     """The runbook's tables with little data (2 cores are shared)."""
-    db = new_database(pg_cluster, "svc")
-    with db.connect() as conn:
-        sample.load(conn, readings=3000)
-    return db
+    return new_runbook_database(pg_cluster, "svc", 3000)
 
 
 def last_success(m: dict[tuple[str, str], float]) -> float:

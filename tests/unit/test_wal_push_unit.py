@@ -116,6 +116,7 @@ NAME = "000000010000000000000042"
 def test_acknowledged(tmp_path: Path, args: list[str], environ: dict[str, str], config_text: str | None, ack: str | None,
                       expected: bool) -> None:
     from saveit_backup.ops.wal_spool import acknowledged
+    from saveit_backup.wal_args import quick_args
 
     spool = Spool(str(tmp_path / "spool"))
     spool.create()
@@ -128,5 +129,5 @@ def test_acknowledged(tmp_path: Path, args: list[str], environ: dict[str, str], 
     env = {"BACKUP_SPOOL_DIR": spool.root, **{k: v.format(cfg=cfg) for k, v in environ.items()}}
     if config_text is not None and "spool_dir" in config_text:
         del env["BACKUP_SPOOL_DIR"]
-    assert acknowledged([a.format(path=path) for a in args], env) is expected
+    assert acknowledged(quick_args(["wal-push", *(a.format(path=path) for a in args)]), env) is expected
     assert Path(spool.request(NAME)).exists() is not expected  # an acknowledged request is consumed

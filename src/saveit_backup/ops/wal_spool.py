@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - other interpreters
 
 TYPE_CHECKING = False  # typing costs milliseconds of every archive_command; mypy still reads this block
 if TYPE_CHECKING:
+    from types import SimpleNamespace
     from typing import Any
 
     from saveit_backup.config import Settings
@@ -130,36 +131,21 @@ def write_atomic(path: str, text: str) -> None:
 
 # --- client: wal-push --async -----------------------------------------------------------
 _TRUE = ("1", "true", "yes", "on")  # as config.TRUE
-_VALUE_OPTIONS = ("--config", "--repo", "--timeout")
 
 
-def acknowledged(args: list[str], environ: dict[str, str] | os._Environ[str]) -> bool:
-    """``wal-push [--async] PATH`` whose file the worker has already pushed: consume the ack, True.
+def acknowledged(args: SimpleNamespace | None, environ: dict[str, str] | os._Environ[str]) -> bool:
+    """``wal-push [--async] PATH`` (``args`` from ``wal_args.quick_args``) whose file the worker has
+    already pushed: consume the ack, True.
 
     PostgreSQL's common case in async mode, answered before the configuration and the CLI load.
     False whenever anything needs them (no ``--async`` nor BACKUP_ARCHIVE_ASYNC, a config file that
-    sets the spool or async mode, --verbose, an unknown option, a dropped or failed file, no ack
-    yet): the caller then runs the full ``wal-push``, which decides and reports.
+    sets the spool or async mode, --verbose, arguments quick_args could not parse, a dropped or
+    failed file, no ack yet): the caller then runs the full ``wal-push``, which decides and reports.
     """
-    path, use_async, config_file = None, False, environ.get("BACKUP_CONFIG")
-    rest = iter(args)
-    for arg in rest:
-        flag, eq, value = arg.partition("=")
-        if arg == "--async":
-            use_async = True
-        elif flag in _VALUE_OPTIONS:
-            value = value if eq else next(rest, "")
-            if not value:
-                return False
-            if flag == "--config":
-                config_file = value
-        elif arg.startswith("-") or path is not None:
-            return False
-        else:
-            path = arg
-    if path is None:
+    if args is None or args.command != "wal-push" or args.wal_verbose:
         return False
-    use_async = use_async or environ.get("BACKUP_ARCHIVE_ASYNC", "").strip().lower() in _TRUE
+    use_async = bool(args.async_) or environ.get("BACKUP_ARCHIVE_ASYNC", "").strip().lower() in _TRUE
+    config_file = args.wal_config or environ.get("BACKUP_CONFIG")
     spool_dir = environ.get("BACKUP_SPOOL_DIR")
     if config_file and (spool_dir is None or not use_async):
         try:
@@ -171,7 +157,7 @@ def acknowledged(args: list[str], environ: dict[str, str] | os._Environ[str]) ->
             return False
     if not use_async:
         return False
-    path = os.path.abspath(path)
+    path = os.path.abspath(args.path)
     name = os.path.basename(path)
     spool = Spool.at(spool_dir or "", os.path.dirname(path))
     try:

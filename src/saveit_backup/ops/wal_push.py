@@ -115,8 +115,10 @@ def push_file(repo: Repository, path: str, options: EncodeOptions | None = None,
     try:
         if kind is WalFileKind.SEGMENT:
             check_file(path, name, fd)
-        # The digest is only needed on a name clash; one segment is too small to be worth zstd worker threads.
-        opts = (options or repo.write_options())._replace(hash=False, threads=0)
+        # The digest is only needed on a name clash. PostgreSQL archives one file at a time, so the
+        # configured zstd threads shorten each call (16 MiB at level 3: 16 ms single, 12 ms with 2);
+        # parallel pushers (the async worker) pass ``worker_options`` instead.
+        opts = (options or repo.write_options())._replace(hash=False)
         # A writer that cannot decrypt (public keys only) records the hash in the header to compare later.
         known = _file_sha256(fd) if opts.encrypt and not repo.keyring.can_read else None
         digest = Digest()

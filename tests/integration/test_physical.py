@@ -177,6 +177,33 @@ def test_remote_full_backup(env: Env) -> None:
         stop(r)
 
 
+def test_remote_backup_retries_without_wal_when_the_server_recycled_it(env: Env) -> None:
+    # pg_basebackup -X fetch fails when the server removed a segment before sending it: the backup is taken
+    # again with -X none (WAL from the archive only) and restores as any other.
+    fake = env.base / "fakebin"
+    fake.mkdir()
+    for tool in Path(env.cluster.bindir).iterdir():
+        if tool.name != "pg_basebackup":
+            (fake / tool.name).symlink_to(tool)
+    script = fake / "pg_basebackup"
+    script.write_text("#!/bin/sh\n"
+                      'case " $* " in *" fetch "*) echo "pg_basebackup: error: could not get COPY data stream: ERROR:  '
+                      'requested WAL segment 000000010000000000000007 has already been removed" >&2; exit 1;; esac\n'
+                      f'exec {Path(env.cluster.bindir) / "pg_basebackup"} "$@"\n')
+    script.chmod(0o755)
+    res = env.cli("--json", "backup", "--type", "full", "--remote", env={"BACKUP_PG_BINDIR": str(fake)})
+    out = json.loads(res.stdout)
+    assert "taking the backup again without WAL in the tar (-X none)" in res.stderr
+    assert out["physical"]["backup_label"].find(f"saveit-backup {out['id']} (-X none)") >= 0
+    at_backup = env.cluster.psql("SELECT count(*) FROM pgbench_history")
+    r, _ = restore(env, "r_remote_retry", out["id"], "--immediate", "--target-action", "pause")
+    try:
+        assert r.psql("SELECT count(*) FROM pgbench_history") == at_backup
+        invariant(r)
+    finally:
+        stop(r)
+
+
 def test_remote_incr_before_postgresql_17_falls_back(env: Env) -> None:
     res = env.cli("--json", "backup", "--type", "incr", "--remote")
     out = json.loads(res.stdout)

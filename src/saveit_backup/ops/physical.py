@@ -7,8 +7,9 @@ files are read by ``jobs`` worker threads and stored through the pipeline.  File
 stores see few PUTs.  Relation files are checked against their page checksums as they pass when the
 cluster has data checksums (``pg/pagecheck.py``); bad pages are recorded as warnings in the manifest.
 
-Remote mode (``--remote``): ``pg_basebackup -D - -Ft -X none`` over the replication protocol,
-streamed into one object; nothing touches local disk.  Where the server can take incremental base
+Remote mode (``--remote``): ``pg_basebackup -D - -Ft -X fetch`` over the replication protocol,
+streamed into one object; nothing touches local disk (``-X none`` if the server recycled a segment
+before sending it).  Where the server can take incremental base
 backups (17+, ``summarize_wal = on``), the tar is streamed as it is (compressed by our pipeline) and
 the ``backup_manifest`` pg_basebackup appends to it is also kept as an object of its own, for later
 incrementals: pg_basebackup cannot add its manifest to a server-compressed tar on stdout.  Elsewhere
@@ -301,10 +302,10 @@ def _store_object(repo: Repository, bid: str, name: str, files: list[FileEntry],
 
 # --- WAL ----------------------------------------------------------------------------------------
 def wait_for_wal(repo: Repository, names: list[str], timeout: float) -> None:
-    """Poll the repository until every name is archived."""
+    """Poll the repository until every name is archived (first look at once, then after 20 ms, growing to 2 s)."""
     deadline = time.monotonic() + timeout
     pending = list(names)
-    delay = 0.2
+    delay = 0.02
     while pending:
         still = []
         for name in pending:
@@ -475,10 +476,12 @@ def _local(repo: Repository, conn: Any, facts: ServerFacts, control: dict[str, A
                  incr["files_full"], incr["files_incremental"], incr["pages_stored"], incr["pages_read"], incr["files_unchanged"])
     read_bytes = sum(f.size for f in found.files)
     log.info("copied %d files (%d bytes) in %d objects, %.1f s", len(found.files), read_bytes, len(objects), time.monotonic() - t0)
+    # wait_for_archive = false: the server would check the archive once and then sleep in 1 s steps (about
+    # 1 s per backup); wait_for_wal polls the repository for the same segments instead.
     if facts.major >= 15:
-        row = conn.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)").fetchone()
+        row = conn.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)").fetchone()
     else:
-        row = conn.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)").fetchone()
+        row = conn.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)").fetchone()
     stop_lsn, labelfile, spcmap = str(row[0]), str(row[1]), str(row[2] or "")
     parsed = parse_backup_label(labelfile)
     tli = parsed["start_timeline"] or int(parsed["start_wal_file"][:8], 16)
@@ -541,8 +544,12 @@ def _remote(ctx: Context, repo: Repository, conn: Any, facts: ServerFacts, contr
     compress = not capable and opts.server_compression and _server_has_zstd(conn, facts)
     keep_manifest = not compress and facts.major >= 13  # manifests exist since PostgreSQL 13
     label = f"saveit-backup {bid}"
-    # -X none: the WAL comes from the archive (copied into the backup below), as in local mode.
-    cmd = [tool, "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast", "--label", label]
+    # -X fetch: the server does not wait for its archiver (with -X none it sleeps in 1 s steps until the last
+    # segment is archived, about 1 s per backup); the tar then ends with the backup's WAL segments. As in local
+    # mode, the WAL is also awaited in and copied from the archive below, so the backup does not depend on them.
+    # Should the server have recycled a segment before sending it (long backups, wal_keep_size 0), the backup
+    # is taken again with -X none.
+    cmd = [tool, "-D", "-", "-Ft", "-X", "fetch", "--checkpoint=fast", "--label", label]
     if compress:
         # The compressed stream goes to the repository as it is; our envelope's SHA-256 covers the stream.
         workers = opts.jobs if opts.jobs > 1 else 0
@@ -560,9 +567,17 @@ def _remote(ctx: Context, repo: Repository, conn: Any, facts: ServerFacts, contr
         if ref is not None:
             cmd.append(f"--incremental={stack.enter_context(native_incremental.reference_manifest_file(repo, ref.manifest))}")
             log.info("backup %s: pg_basebackup --incremental against backup %s", bid, ref.manifest.id)
-        proc = _Process(cmd, tool_env(pw_env), "pg_basebackup")
-        chunks = tap.observe(proc.chunks()) if keep_manifest else proc.chunks()
-        digest = repo.put_object(layout.object_key(bid, name), chunks, store)
+        try:
+            digest = _stream_basebackup(repo, layout.object_key(bid, name), cmd, pw_env, store, tap if keep_manifest else None)
+        except PgToolError as exc:
+            if "already been removed" not in exc.message:
+                raise
+            log.warning("backup %s: %s; taking the backup again without WAL in the tar (-X none)", bid, exc.message)
+            cmd[cmd.index("fetch")] = "none"
+            label = f"{label} (-X none)"  # the failed attempt may have left a backup-history file under the first label
+            cmd[cmd.index("--label") + 1] = label
+            tap = TarMemberTap("backup_manifest", limit=1 << 30)
+            digest = _stream_basebackup(repo, layout.object_key(bid, name), cmd, pw_env, store, tap if keep_manifest else None)
     objects = [_entry(name, digest)]
     if keep_manifest:
         if tap.content is None:
@@ -588,6 +603,13 @@ def _remote(ctx: Context, repo: Repository, conn: Any, facts: ServerFacts, contr
             "_objects": objects}
 
 
+def _stream_basebackup(repo: Repository, key: str, cmd: list[str], pw_env: dict[str, str], store: EncodeOptions,
+                       tap: TarMemberTap | None) -> Digest:
+    """pg_basebackup's tar on stdout into the object ``key`` (``tap`` keeps a member on the way)."""
+    proc = _Process(cmd, tool_env(pw_env), "pg_basebackup")
+    return repo.put_object(key, tap.observe(proc.chunks()) if tap is not None else proc.chunks(), store)
+
+
 def _backup_history_names(repo: Repository, tli: int) -> set[str]:
     prefix = layout.wal_key(f"{tli:08X}.history").rsplit("/", 1)[0] + "/"
     return {info.key.rsplit("/", 1)[1] for info in repo.storage.list(prefix) if info.key.endswith(".backup")}
@@ -596,6 +618,7 @@ def _backup_history_names(repo: Repository, tli: int) -> set[str]:
 def _find_backup_history(repo: Repository, tli: int, known: set[str], label: str, timeout: float) -> tuple[str, str]:
     """The backup-history file pg_basebackup's backup left in the archive, found by its LABEL line."""
     deadline = time.monotonic() + timeout
+    delay = 0.02
     while True:
         for name in sorted(_backup_history_names(repo, tli) - known):
             text = b"".join(repo.read_object(layout.wal_key(name))).decode()
@@ -605,7 +628,8 @@ def _find_backup_history(repo: Repository, tli: int, known: set[str], label: str
         if time.monotonic() > deadline:
             raise PgToolError(f"the backup-history file of '{label}' did not reach the WAL archive within {timeout:.0f} s",
                               hint="check archive_command = 'saveit-backup wal-push %p' and pg_stat_archiver")
-        time.sleep(0.3)
+        time.sleep(delay)
+        delay = min(1.0, delay * 1.5)
 
 
 def _server_has_zstd(conn: Any, facts: ServerFacts) -> bool:

@@ -13,7 +13,8 @@ In the same run, interleaved round-robin (``bench/common.py``), medians over ``-
 * full backup: saveit-backup local mode (``--pgdata``; page checksums verified, and
   ``--no-verify-checksums``), remote mode (``--remote``: pg_basebackup with server-side zstd), lz4,
   and encrypted (information only); ``pgbackrest backup --type=full`` (process-max=2, zst level 3
-  and lz4); ``pg_basebackup -Ft -X none --compress=server-zstd:level=3,workers=2`` and server-lz4;
+  and lz4); ``pg_basebackup -Ft -X fetch --compress=server-zstd:level=3,workers=2`` and server-lz4
+  (-X fetch, as our remote mode: with -X none the server waits about 1 s for its archiver);
   the physical limit ``tar | zstd -T2 -3`` (and ``tar | lz4``) of the same files (pg_wal excluded).
   Size: saveit's stored bytes without the copied WAL objects, pgBackRest's repository size of
   the set (WAL lives in the archive), file sizes for pg_basebackup and tar.
@@ -248,7 +249,7 @@ class Bench:
     def backup_contenders(self) -> list[Contender]:
         c = self.cluster
         d = str(c.datadir)
-        bb = [c.tool("pg_basebackup"), "-h", c.host, "-p", str(c.port), "-Ft", "-X", "none", "--checkpoint=fast"]
+        bb = [c.tool("pg_basebackup"), "-h", c.host, "-p", str(c.port), "-Ft", "-X", "fetch", "--checkpoint=fast"]
         tar = f"{{ tar -cf - -C {d} --exclude='./pg_wal/*' --exclude=./postmaster.pid . || [ $? -eq 1 ]; }}"
         out = self.base / "out"
         return [

@@ -160,6 +160,16 @@ def test_restore_refuses_non_empty_target(env: Env) -> None:
     assert "wal-fetch --abort-on-error --repo" in conf and "recovery_target = 'immediate'" in conf
 
 
+def assert_consistent_at(env: Env, name: str, backup_id: str, history_rows: str) -> None:
+    """Recover ``backup_id`` to its consistent point: exactly ``history_rows`` pgbench_history rows, balances agree."""
+    r, _ = restore(env, name, backup_id, "--immediate", "--target-action", "pause")
+    try:
+        assert r.psql("SELECT count(*) FROM pgbench_history") == history_rows
+        invariant(r)
+    finally:
+        stop(r)
+
+
 def test_remote_full_backup(env: Env) -> None:
     c = env.cluster
     # No --pgdata and no file access: pg_basebackup over the replication protocol.
@@ -169,12 +179,7 @@ def test_remote_full_backup(env: Env) -> None:
     at_backup = c.psql("SELECT count(*) FROM pgbench_history")
     run_pgbench(c, 1)
     wait_archived(c)
-    r, _ = restore(env, "r_remote", out["id"], "--immediate", "--target-action", "pause")
-    try:
-        assert r.psql("SELECT count(*) FROM pgbench_history") == at_backup
-        invariant(r)
-    finally:
-        stop(r)
+    assert_consistent_at(env, "r_remote", out["id"], at_backup)
 
 
 def test_remote_backup_retries_without_wal_when_the_server_recycled_it(env: Env) -> None:
@@ -196,12 +201,7 @@ def test_remote_backup_retries_without_wal_when_the_server_recycled_it(env: Env)
     assert "taking the backup again without WAL in the tar (-X none)" in res.stderr
     assert out["physical"]["backup_label"].find(f"saveit-backup {out['id']} (-X none)") >= 0
     at_backup = env.cluster.psql("SELECT count(*) FROM pgbench_history")
-    r, _ = restore(env, "r_remote_retry", out["id"], "--immediate", "--target-action", "pause")
-    try:
-        assert r.psql("SELECT count(*) FROM pgbench_history") == at_backup
-        invariant(r)
-    finally:
-        stop(r)
+    assert_consistent_at(env, "r_remote_retry", out["id"], at_backup)
 
 
 def test_remote_incr_before_postgresql_17_falls_back(env: Env) -> None:

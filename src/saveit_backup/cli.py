@@ -140,9 +140,10 @@ def cmd_restore(args: argparse.Namespace, ctx: Context) -> int:
         from saveit_backup.errors import ConfigError
 
         raise ConfigError("restore needs --target-db DSN (logical) or --target-dir DIR (physical)")
+    from saveit_backup.config import as_conninfo
     from saveit_backup.ops.logical_restore import RestoreRequest, check_report, restore_logical
 
-    req = RestoreRequest(args.id, args.target_db, args.table or (), args.schema or (), args.create, args.clean,
+    req = RestoreRequest(args.id, as_conninfo(args.target_db), args.table or (), args.schema or (), args.create, args.clean,
                          args.jobs or ctx.settings.jobs, args.no_fallback, args.database, args.no_owner,
                          args.allow_environment_mismatch, not args.no_snapshot)
     report = restore_logical(ctx, req, _progress(args))

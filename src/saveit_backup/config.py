@@ -181,9 +181,19 @@ def load(cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None
             continue
         values[key] = _convert(BY_NAME[key], raw, "command line")
         sources[key] = "command line"
+    values["dbname"] = as_conninfo(values["dbname"])
     settings = Settings(values, sources)
     _validate(settings)
     return settings
+
+
+def as_conninfo(dbname: str) -> str:
+    """A bare database name (``postgres``, as psql and pg_dump take it) as the conninfo ``dbname='postgres'``;
+    DSNs (``key=value ...``) and URLs (``postgresql://...``) as they are."""
+    if not dbname or "=" in dbname or "://" in dbname:
+        return dbname
+    quoted = dbname.replace("\\", "\\\\").replace("'", "\\'")
+    return f"dbname='{quoted}'"
 
 
 def _validate(s: Settings) -> None:

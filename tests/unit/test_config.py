@@ -74,3 +74,15 @@ def test_unknown_file_key_refused(tmp_path: Path) -> None:
     f.write_text("retention_dayz = 3\n")
     with pytest.raises(ConfigError, match="unknown setting 'retention_dayz'"):
         config.load(environ={}, config_file=str(f))
+
+
+@pytest.mark.parametrize(("given", "conninfo"), [
+    ("postgres", "dbname='postgres'"),  # a bare name, as psql and pg_dump take it
+    ("it's", "dbname='it\\'s'"),
+    ("host=/tmp dbname=app", "host=/tmp dbname=app"),
+    ("postgresql://u@h/app", "postgresql://u@h/app"),
+    ("", ""),
+])
+def test_bare_database_names_become_conninfo(given: str, conninfo: str) -> None:
+    assert config.as_conninfo(given) == conninfo
+    assert config.load({"dbname": given}, environ={}).dbname == conninfo

@@ -5,13 +5,16 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,7 +31,7 @@ from saveit_backup.ops.logical import (
 from saveit_backup.ops.progress import Progress
 from saveit_backup.ops.verify import verify_backup
 from saveit_backup.pg.conn import connect, describe_dsn, find_tool, split_password, tool_env, with_dbname
-from saveit_backup.pg.custom_archive import OffsetRecorder, patch_offsets
+from saveit_backup.pg.custom_archive import OffsetRecorder, TocEntry, patch_offsets
 from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
@@ -150,12 +153,13 @@ def restore_logical(ctx: Context, req: RestoreRequest, progress: Progress) -> Re
     try:
         if existing and req.snapshot_first:
             report.snapshot_id = _snapshot_target(ctx, target)
-        _pg_restore(ctx, manifest, entry, req, target, progress)
+        counted = _pg_restore(ctx, manifest, entry, req, target, progress, expected)
     finally:
         run_hook("post-restore", ctx.settings.restore_post_hook, manifest.id, target)
     counting = time.monotonic()
-    _compare_counts(report, expected, target, req.jobs)
-    log.info("restore phases: row counts of %d tables %.2f s", len(expected), time.monotonic() - counting)
+    _compare_counts(report, expected, target, req.jobs, counted)
+    log.info("restore phases: row counts of %d tables after pg_restore %.2f s (%d counted during it)",
+             len(expected) - len(counted), time.monotonic() - counting, len(counted))
     return report
 
 
@@ -182,7 +186,9 @@ def _snapshot_target(ctx: Context, target: str) -> str:
     return manifest.id
 
 
-def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreRequest, target: str, progress: Progress) -> None:
+def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreRequest, target: str, progress: Progress,
+                expected: Sequence[Any]) -> dict[tuple[str, str], int | None]:
+    """Run pg_restore; return the row counts of the tables already counted while it ran (``-j`` only)."""
     repo = ctx.repo
     pg_restore = find_tool("pg_restore", ctx.settings.pg_bindir, manifest.pg_version // 10000)
     base_dsn, pw_env = split_password(target)
@@ -213,32 +219,82 @@ def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreReques
                 # pg_dump wrote to a pipe: without data offsets pg_restore -j workers scan for their blocks
                 patched = patch_offsets(out.fileno(), offsets)
             decoded = time.monotonic()
-            _run(args + ["-j", str(req.jobs), str(path)], env, None)
+            early = EarlyCounts(target, {(t.schema, t.name) for t in expected}, offsets.entries)
+            try:
+                _run(args + ["-v", "-j", str(req.jobs), str(path)], env, None, on_stderr_line=early.on_line)
+            finally:
+                counted = early.finish()
             log.info("restore phases: decode %.2f s (%d bytes, data offsets set for %d TOC entries), pg_restore -j%d %.2f s",
                      decoded - started, offsets.size, patched, req.jobs, time.monotonic() - decoded)
-    else:
-        _run(args, env, stream)
+            return counted
+    _run(args, env, stream)
+    return {}
 
 
-def _compare_counts(report: RestoreReport, expected: list[Any], target: str, jobs: int = 2) -> None:
-    """Count the restored tables over ``jobs`` connections; a missing table counts as None (a mismatch)."""
-    from concurrent.futures import ThreadPoolExecutor
+class EarlyCounts:
+    """Row counts taken while ``pg_restore -j -v`` goes on: a table is counted (on one connection of its own)
+    as soon as pg_restore reports its TABLE DATA item finished, i.e. committed, so the counting overlaps the
+    index builds that follow instead of running after them.  Tables never reported are left to the caller.
+    """
 
+    FINISHED = re.compile(r"finished item (\d+) TABLE DATA ")
+
+    def __init__(self, target: str, wanted: set[tuple[str, str]], entries: dict[int, TocEntry]) -> None:
+        self.target = target
+        self.wanted = wanted
+        self.entries = entries
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="count")
+        self.futures: dict[tuple[str, str], Future[int | None]] = {}
+        self.conn: Any = None
+
+    def on_line(self, line: str) -> None:
+        """A line of pg_restore's stderr (called from the thread that reads it)."""
+        m = self.FINISHED.search(line)
+        entry = self.entries.get(int(m.group(1))) if m else None
+        if entry is None:
+            return
+        key = (entry.namespace, entry.tag)
+        if key in self.wanted and key not in self.futures:
+            self.futures[key] = self.pool.submit(self._count, key)
+
+    def _count(self, key: tuple[str, str]) -> int | None:
+        if self.conn is None:
+            self.conn = connect(self.target)
+        return _count_rows(self.conn, *key)
+
+    def finish(self) -> dict[tuple[str, str], int | None]:
+        """Wait for the counts under way; close the connection."""
+        self.pool.shutdown(wait=True)
+        if self.conn is not None:
+            self.conn.close()
+        return {key: (f.result() if f.exception() is None else None) for key, f in self.futures.items()}
+
+
+def _count_rows(conn: Any, schema: str, name: str) -> int | None:
+    """``count(*)`` of one table; None when it cannot be counted (missing table: a mismatch)."""
     from psycopg import sql
 
+    try:
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(name))).fetchone()
+        return int(row[0]) if row else None
+    except Exception:  # autocommit connection: nothing to roll back
+        return None
+
+
+def _compare_counts(report: RestoreReport, expected: list[Any], target: str, jobs: int = 2,
+                    counted: dict[tuple[str, str], int | None] | None = None) -> None:
+    """Compare with the manifest: the tables in ``counted`` as counted; the rest counted now over ``jobs`` connections."""
+    counted = counted or {}
     local = threading.local()
     opened: list[Any] = []
 
     def count(t: Any) -> int | None:
+        if (t.schema, t.name) in counted:
+            return counted[(t.schema, t.name)]
         if not hasattr(local, "conn"):
             local.conn = connect(target)
             opened.append(local.conn)
-        try:
-            query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(t.schema), sql.Identifier(t.name))
-            row = local.conn.execute(query).fetchone()
-            return int(row[0]) if row else None
-        except Exception:
-            return None
+        return _count_rows(local.conn, t.schema, t.name)
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -249,11 +305,24 @@ def _compare_counts(report: RestoreReport, expected: list[Any], target: str, job
             conn.close()
 
 
-def _run(cmd: list[str], env: dict[str, str], stdin_chunks: Iterable[bytes] | None) -> None:
+def _run(cmd: list[str], env: dict[str, str], stdin_chunks: Iterable[bytes] | None,
+         on_stderr_line: Callable[[str], None] | None = None) -> None:
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin_chunks is not None else None,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    err: list[bytes] = []
-    t = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    tail: deque[str] = deque(maxlen=200)  # with -v pg_restore writes a line per item: keep the end for the error
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            tail.append(line)
+            if on_stderr_line is not None:
+                try:
+                    on_stderr_line(line)
+                except Exception:  # an observer never breaks the restore
+                    log.debug("stderr observer failed on %r", line, exc_info=True)
+
+    t = threading.Thread(target=read_stderr, daemon=True)
     t.start()
     out_t = threading.Thread(target=lambda: proc.stdout.read(), daemon=True)  # type: ignore[union-attr]
     out_t.start()
@@ -277,8 +346,10 @@ def _run(cmd: list[str], env: dict[str, str], stdin_chunks: Iterable[bytes] | No
         raise
     t.join()
     if rc != 0:
-        lines = b"".join(err).decode(errors="replace").strip().splitlines()
-        raise PgToolError(f"{Path(cmd[0]).name} failed: {lines[-1] if lines else f'exit status {rc}'}")
+        lines = [ln for ln in tail if ln.strip()]
+        errors = [ln for ln in lines if "error:" in ln]
+        shown = (errors or lines)[-1] if lines else f"exit status {rc}"
+        raise PgToolError(f"{Path(cmd[0]).name} failed: {shown}")
 
 
 def check_report(report: RestoreReport) -> None:

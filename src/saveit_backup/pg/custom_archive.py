@@ -70,6 +70,7 @@ class TocEntry:
     field_pos: int  # file position of the offset flag byte
     flag: int  # K_OFFSET_* as written
     offset: int  # as written (meaningful with K_OFFSET_POS_SET)
+    namespace: str = ""  # the schema ("" for objects outside one)
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,10 @@ class OffsetRecorder:
             tag = yield from self._str(keep=True)
             desc = yield from self._str(keep=True)
             yield from self._int()  # section
-            for _ in range(6):  # defn, drop statement, copy statement, namespace, tablespace, table AM
+            for _ in range(3):  # defn, drop statement, copy statement
+                yield from self._str()
+            namespace = yield from self._str(keep=True)
+            for _ in range(2):  # tablespace, table AM
                 yield from self._str()
             if minor >= 16:
                 yield from self._int()  # relkind
@@ -271,7 +275,7 @@ class OffsetRecorder:
             if dump_id <= 0 or dump_id in self.entries:
                 raise _Unusable(f"bad or repeated dump ID {dump_id}")
             self.entries[dump_id] = TocEntry(dump_id, desc or "", tag or "", field_pos, raw[0],
-                                             int.from_bytes(raw[1:], "little"))
+                                             int.from_bytes(raw[1:], "little"), namespace or "")
 
         fast = self.compression == COMPRESSION_NONE
         while True:

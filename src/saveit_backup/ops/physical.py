@@ -496,6 +496,9 @@ def _local(repo: Repository, conn: Any, facts: ServerFacts, control: dict[str, A
 
 
 # --- remote -------------------------------------------------------------------------------------
+FETCH_WAL_MAX_BYTES = 4 << 30  # remote full backups of clusters up to this size take their WAL with -X fetch
+
+
 class _Process:
     """A tool's stdout as chunks; its stderr collected (needed after success too)."""
 
@@ -547,9 +550,11 @@ def _remote(ctx: Context, repo: Repository, conn: Any, facts: ServerFacts, contr
     # -X fetch: the server does not wait for its archiver (with -X none it sleeps in 1 s steps until the last
     # segment is archived, about 1 s per backup); the tar then ends with the backup's WAL segments. As in local
     # mode, the WAL is also awaited in and copied from the archive below, so the backup does not depend on them.
-    # Should the server have recycled a segment before sending it (long backups, wal_keep_size 0), the backup
-    # is taken again with -X none.
-    cmd = [tool, "-D", "-", "-Ft", "-X", "fetch", "--checkpoint=fast", "--label", label]
+    # Should the server have recycled a segment before sending it (a checkpoint during the backup, wal_keep_size
+    # 0), the backup is taken again with -X none; clusters above FETCH_WAL_MAX_BYTES, whose backups last long
+    # enough for that to be likely and for 1 s not to matter, use -X none from the start.
+    size = int(conn.execute("SELECT sum(pg_database_size(oid)) FROM pg_database").fetchone()[0] or 0)
+    cmd = [tool, "-D", "-", "-Ft", "-X", "fetch" if size <= FETCH_WAL_MAX_BYTES else "none", "--checkpoint=fast", "--label", label]
     if compress:
         # The compressed stream goes to the repository as it is; our envelope's SHA-256 covers the stream.
         workers = opts.jobs if opts.jobs > 1 else 0
@@ -570,7 +575,7 @@ def _remote(ctx: Context, repo: Repository, conn: Any, facts: ServerFacts, contr
         try:
             digest = _stream_basebackup(repo, layout.object_key(bid, name), cmd, pw_env, store, tap if keep_manifest else None)
         except PgToolError as exc:
-            if "already been removed" not in exc.message:
+            if "already been removed" not in exc.message or "fetch" not in cmd:
                 raise
             log.warning("backup %s: %s; taking the backup again without WAL in the tar (-X none)", bid, exc.message)
             cmd[cmd.index("fetch")] = "none"

@@ -69,28 +69,10 @@ def test_cli_parallel_restore_sets_offsets(runbook_db: Database, repo_dir: Path)
     cli = cli_for(runbook_db, f"file://{repo_dir}")
     bid = json.loads(cli("--json", "backup").stdout)["id"]
     target = new_database(runbook_db.cluster, "offsets_cli")
-    # --clean takes the path that decodes first, then runs pg_restore -j over the whole file
-    res = cli("restore", bid, "--target-db", target.dsn, "--jobs", "2", "--clean")
+    res = cli("restore", bid, "--target-db", target.dsn, "--jobs", "2")
     assert "all equal" in res.stdout
     assert "data offsets set for 5 TOC entries" in res.stderr
     # Each table is counted as soon as pg_restore reports its data committed, while the index builds go on.
     assert "row counts of 0 tables after pg_restore" in res.stderr and "(5 counted during it)" in res.stderr
     with runbook_db.connect() as src, target.connect() as dst:
         assert sample.content_checksums(dst) == sample.content_checksums(src)
-
-
-def test_cli_streamed_restore(runbook_db: Database, repo_dir: Path) -> None:
-    """Without --clean the data is loaded by a serial pg_restore fed from the decode, post-data by pg_restore -j."""
-    cli = cli_for(runbook_db, f"file://{repo_dir}")
-    bid = json.loads(cli("--json", "backup").stdout)["id"]
-    target = new_database(runbook_db.cluster, "streamed_cli")
-    res = cli("restore", bid, "--target-db", target.dsn, "--jobs", "2")
-    assert "all equal" in res.stdout
-    assert "serial pg_restore from the stream" in res.stderr and "(5 counted during it)" in res.stderr
-    with runbook_db.connect() as src, target.connect() as dst:
-        assert sample.row_counts(dst) == sample.row_counts(src)
-        assert sample.content_checksums(dst) == sample.content_checksums(src)
-        # post-data arrived too: the primary keys exist
-        n = dst.execute("SELECT count(*) FROM pg_constraint WHERE contype = 'p'").fetchone()
-        m = src.execute("SELECT count(*) FROM pg_constraint WHERE contype = 'p'").fetchone()
-        assert n == m and n is not None and n[0] > 0

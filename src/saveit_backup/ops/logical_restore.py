@@ -205,8 +205,6 @@ def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreReques
     key = layout.object_key(manifest.id, entry.name)
     stream = progress.track(repo.read_object(key), f"restore {manifest.id}", entry.size)
     env = tool_env(pw_env)
-    if req.jobs > 1 and not req.clean:
-        return _pg_restore_streamed(args, env, stream, req.jobs, target, expected)
     if req.jobs > 1:
         # Parallel pg_restore needs a seekable archive: decode to a private temporary file.
         with tempfile.TemporaryDirectory(prefix="saveit-restore-") as tmp:
@@ -231,46 +229,6 @@ def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreReques
             return counted
     _run(args, env, stream)
     return {}
-
-
-def _pg_restore_streamed(args: list[str], env: dict[str, str], stream: Iterable[bytes], jobs: int, target: str,
-                         expected: Sequence[Any]) -> dict[tuple[str, str], int | None]:
-    """Pre-data and data loaded by a serial ``pg_restore`` fed from the decode as it goes (no wait for the
-    temporary file), then ``pg_restore -j`` of the post-data section over the finished file while the rows
-    are counted.  Not with ``--clean``: its drops span the sections.
-    """
-    with tempfile.TemporaryDirectory(prefix="saveit-restore-") as tmp:
-        path = Path(tmp) / "archive.dump"
-        started = time.monotonic()
-        with open(path, "wb") as out:
-            def tee() -> Iterable[bytes]:
-                for chunk in read_ahead(stream, depth=8):
-                    out.write(chunk)
-                    yield chunk
-
-            chunks = iter(tee())
-            _run(args + ["--section=pre-data", "--section=data"], env, chunks)
-            for _ in chunks:  # pg_restore may stop reading after the last data block: finish the file
-                pass
-        loaded = time.monotonic()
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="count")
-        conn: list[Any] = []
-
-        def count(key: tuple[str, str]) -> int | None:
-            if not conn:
-                conn.append(connect(target))
-            return _count_rows(conn[0], *key)
-
-        futures = {(t.schema, t.name): pool.submit(count, (t.schema, t.name)) for t in expected}
-        try:
-            _run(args + ["--section=post-data", "-j", str(jobs), str(path)], env, None)
-        finally:
-            pool.shutdown(wait=True)
-            for c in conn:
-                c.close()
-        log.info("restore phases: decode + pre-data + data (serial pg_restore from the stream) %.2f s, "
-                 "post-data pg_restore -j%d with row counts %.2f s", loaded - started, jobs, time.monotonic() - loaded)
-        return {key: (f.result() if f.exception() is None else None) for key, f in futures.items()}
 
 
 class EarlyCounts:

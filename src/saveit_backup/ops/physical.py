@@ -8,8 +8,8 @@ stores see few PUTs.  Relation files are checked against their page checksums as
 cluster has data checksums (``pg/pagecheck.py``); bad pages are recorded as warnings in the manifest.
 
 Remote mode (``--remote``): ``pg_basebackup -D - -Ft -X fetch`` over the replication protocol,
-streamed into one object; nothing touches local disk (``-X none`` if the server recycled a segment
-before sending it).  Where the server can take incremental base
+streamed into one object; nothing touches local disk (``-X none`` for clusters over
+``FETCH_WAL_MAX_BYTES``, or when the server recycled a segment before sending it).  Where the server can take incremental base
 backups (17+, ``summarize_wal = on``), the tar is streamed as it is (compressed by our pipeline) and
 the ``backup_manifest`` pg_basebackup appends to it is also kept as an object of its own, for later
 incrementals: pg_basebackup cannot add its manifest to a server-compressed tar on stdout.  Elsewhere

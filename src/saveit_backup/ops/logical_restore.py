@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 from saveit_backup.compose import Context
 from saveit_backup.domain.manifest import Manifest
 from saveit_backup.errors import BackupNotFound, ConfigError, IntegrityError, PgToolError, RestoreMismatch, RestoreRefused
+from saveit_backup.ops.copy_loader import CopyText, load_copy_stream
 from saveit_backup.ops.logical import (
     GLOBALS_OBJECT,
     RestoreReport,
@@ -197,14 +198,18 @@ def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreReques
         args += ["--clean", "--if-exists"]
     if req.no_owner:
         args += ["--no-owner", "--no-acl"]
+    selection: list[str] = []
     for table in req.tables:
-        args += ["-t", table.rpartition(".")[2]]
+        selection += ["-t", table.rpartition(".")[2]]
     schemas = set(req.schemas) | {table.rpartition(".")[0] for table in req.tables if "." in table}
     for schema in sorted(schemas):
-        args += ["-n", schema]
+        selection += ["-n", schema]
+    args += selection
     key = layout.object_key(manifest.id, entry.name)
     stream = progress.track(repo.read_object(key), f"restore {manifest.id}", entry.size)
     env = tool_env(pw_env)
+    if req.jobs > 1 and not req.clean:
+        return _restore_in_sections(pg_restore, args, selection, read_ahead(stream, depth=8), env, target, req.jobs)
     if req.jobs > 1:
         # Parallel pg_restore needs a seekable archive: decode to a private temporary file.
         with tempfile.TemporaryDirectory(prefix="saveit-restore-") as tmp:
@@ -229,6 +234,107 @@ def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreReques
             return counted
     _run(args, env, stream)
     return {}
+
+
+_TABLE_DATA_ITEM = re.compile(r"\d+; \d+ \d+ TABLE DATA ")
+
+
+def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str], chunks: Iterator[bytes],
+                         env: dict[str, str], target: str, jobs: int) -> dict[tuple[str, str], int | None]:
+    """Restore the archive decoded in ``chunks`` section by section, loading table data as it is decoded:
+
+    1. the header and table of contents are written to a private temporary file, listed (``pg_restore -l``
+       with the selection) and the pre-data section restored from it;
+    2. the rest of the archive goes on to the file and, at the same time, to ``pg_restore --data-only -f -``
+       of the selected TABLE DATA entries, whose COPY text ``copy_loader`` loads over ``jobs`` connections,
+       every table split across all of them (pg_restore -j would load each table on one);
+    3. the rest of the data section (sequence values, large objects) and then ``pg_restore -j`` of the
+       post-data section run from the finished file.
+
+    Returns COPY's row counts.  Not for ``--clean``: its drops must run before any section, in pg_restore's
+    order (foreign keys first).
+    """
+    phases: list[str] = []
+    counts: dict[tuple[str, str], int] = {}
+    began = time.monotonic()
+
+    def phase(name: str) -> None:
+        nonlocal began
+        now = time.monotonic()
+        phases.append(f"{name} {now - began:.2f} s")
+        began = now
+
+    with tempfile.TemporaryDirectory(prefix="saveit-restore-") as tmp:
+        path = Path(tmp) / "archive.dump"
+        offsets = OffsetRecorder()
+        with open(path, "w+b") as out:
+
+            def write(chunk: bytes) -> None:
+                out.write(chunk)
+                offsets.feed(chunk)
+
+            for chunk in chunks:  # through the table of contents (all of it if the recorder cannot tell where that ends)
+                write(chunk)
+                if offsets.toc_end is not None:
+                    break
+            out.flush()
+            others, table_data = _section_lists(pg_restore, selection, path, env)
+            phase("table of contents")
+            _run(args + ["-L", str(others), "--section=pre-data", str(path)], env, None)
+            phase("pre-data")
+            if table_data.stat().st_size:
+                text = CopyText([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"], env, from_stdin=True)
+                connections = [connect(target) for _ in range(jobs)]
+                failure: list[BaseException] = []
+
+                def load() -> None:
+                    try:
+                        counts.update(load_copy_stream(text.chunks(), connections))
+                    except BaseException as exc:
+                        failure.append(exc)
+
+                loader = threading.Thread(target=load, name="copy-load", daemon=True)
+                loader.start()
+                try:
+                    feeding = text.feed(os.pread(out.fileno(), out.tell(), 0))
+                    for chunk in chunks:
+                        write(chunk)
+                        feeding = feeding and text.feed(chunk)
+                except BaseException:
+                    text.kill()
+                    raise
+                finally:
+                    text.end_input()
+                    loader.join()
+                    for conn in connections:
+                        conn.close()
+                if failure:
+                    raise failure[0]
+                phase(f"decode and table data over {jobs} connections")
+            for chunk in chunks:
+                write(chunk)
+            out.flush()
+            patch_offsets(out.fileno(), offsets)  # large objects: pg_restore -j finds their block directly
+        _run(args + ["-L", str(others), "--section=data", str(path)], env, None)
+        phase("other data")
+        _run(args + ["-L", str(others), "-j", str(jobs), "--section=post-data", str(path)], env, None)
+        phase(f"post-data -j{jobs}")
+    log.info("restore phases: %s (%d bytes)", ", ".join(phases), offsets.size)
+    return dict(counts)
+
+
+def _section_lists(pg_restore: str, selection: list[str], path: Path, env: dict[str, str]) -> tuple[Path, Path]:
+    """(every selected item but TABLE DATA, the selected TABLE DATA items) as ``pg_restore -L`` lists, in the
+    archive's order, next to ``path``; read from its table of contents."""
+    listing = subprocess.run([pg_restore, "-l", *selection, str(path)], capture_output=True, text=True, env=env, check=False)
+    if listing.returncode != 0:
+        raise PgToolError(f"pg_restore -l failed: {(listing.stderr.strip().splitlines() or ['?'])[-1]}")
+    items = [ln for ln in listing.stdout.splitlines() if ln.strip() and not ln.startswith(";")]
+    others = path.with_name("others.list")
+    others.write_text("".join((";" + ln if _TABLE_DATA_ITEM.match(ln) else ln) + "\n" for ln in items))
+    table_data = path.with_name("table-data.list")
+    table_data.write_text("".join(ln + "\n" for ln in items if _TABLE_DATA_ITEM.match(ln)))
+    return others, table_data
 
 
 class EarlyCounts:

@@ -95,6 +95,7 @@ class OffsetRecorder:
         self.entries: dict[int, TocEntry] = {}
         self.blocks: dict[int, int] = {}  # dump ID -> position of its block type byte
         self.problem: str | None = None
+        self.toc_end: int | None = None  # position after the table of contents, once read
         self.size = 0  # bytes fed
         self._pos = 0  # position after the bytes of the request just served (read by the parser)
         self._buf = bytearray()  # a READ request's bytes so far
@@ -277,6 +278,7 @@ class OffsetRecorder:
             self.entries[dump_id] = TocEntry(dump_id, desc or "", tag or "", field_pos, raw[0],
                                              int.from_bytes(raw[1:], "little"), namespace or "")
 
+        self.toc_end = self._pos
         fast = self.compression == COMPRESSION_NONE
         while True:
             self._at_block_boundary = True

@@ -1,0 +1,266 @@
+"""Load the TABLE DATA of a custom-format archive over N connections, every table split across all of them.
+
+``pg_restore -j N`` loads one table per worker, so a database dominated by one big table loads on one
+server backend while the others idle.  Here ``pg_restore --data-only -f -`` turns the selected TABLE DATA
+entries into plain SQL with COPY blocks (pg_restore reads the archive, in C, whatever its compression),
+and ``load_copy_stream`` cuts each table's COPY text into blocks of about 1 MiB at line ends and hands
+them in turn to N writer threads, each running its own ``COPY ... FROM STDIN`` of that table on its own
+connection.  COPY's text format escapes backslashes, so the line ``\\.`` only ever ends a block.
+
+Contract:
+* the tables exist and are empty (pre-data restored); each COPY commits on its own (autocommit), as a
+  ``pg_restore -j`` worker's does;
+* rows land in the table in block order per connection, not in the archive's order;
+* the returned row counts are COPY's command tags summed per table, keyed by (schema, name) as the
+  archive's "Data for Name" comment gives them;
+* SQL outside COPY blocks (pg_restore's session settings) runs on every connection, in order; psql
+  meta-commands (``\\restrict``) and comments are skipped;
+* the first failure (a writer's, or pg_restore's) stops the load and is raised as ``PgToolError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from saveit_backup.errors import PgToolError
+
+log = logging.getLogger(__name__)
+
+BLOCK_BYTES = 1 << 20
+QUEUE_DEPTH = 4  # blocks queued per writer: memory stays under N * (QUEUE_DEPTH + 2) MiB
+_END = b"\\.\n"
+_COPY_LINE = re.compile(r"COPY .+ FROM stdin;")
+_DATA_COMMENT = re.compile(r"-- Data for Name: (.*); Type: TABLE DATA; Schema: (.*); Owner: ")
+
+
+@dataclass
+class _Copy:
+    """One table's COPY as every writer runs it; writers report (rows, error) on ``done``."""
+
+    sql: str
+    key: tuple[str, str]
+    done: queue.Queue[tuple[int, BaseException | None]] = field(default_factory=queue.Queue)
+
+
+class _Stopped(Exception):
+    """The dispatcher gave up: leave any COPY under way (psycopg aborts it) and end the thread."""
+
+
+class _Writer:
+    """A connection and the thread that feeds it: SQL strings and ``_Copy`` jobs, each job's data blocks
+    following it until ``None``; ``_STOP`` ends the thread, aborting a COPY under way.  After an error the
+    writer keeps consuming its queue, so the dispatcher never blocks on it, and reports the error for every
+    job."""
+
+    def __init__(self, conn: Any, index: int) -> None:
+        self.conn = conn
+        self.inbox: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"copy-{index}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._next()
+                if isinstance(item, str):
+                    if self.error is None:
+                        try:
+                            self.conn.execute(item)
+                        except Exception as exc:  # reported with the next job
+                            self.error = exc
+                elif isinstance(item, _Copy):
+                    rows = self._copy(item)
+                    item.done.put((rows, self.error))
+        except _Stopped:
+            return
+
+    def _next(self) -> object:
+        item = self.inbox.get()
+        if item is _STOP:
+            raise _Stopped
+        return item
+
+    def _copy(self, job: _Copy) -> int:
+        ended = False
+        if self.error is None:
+            try:
+                cur = self.conn.cursor()
+                with cur.copy(job.sql) as copy:
+                    while (block := self._next()) is not None:
+                        copy.write(block)  # type: ignore[arg-type]  # a bytearray
+                    ended = True
+                return max(0, int(cur.rowcount))
+            except _Stopped:
+                raise
+            except Exception as exc:
+                self.error = exc
+        while not ended:  # this job's blocks, through its None
+            ended = self._next() is None
+        return 0
+
+
+_STOP = object()
+
+
+def load_copy_stream(chunks: Iterable[bytes], connections: list[Any], block_bytes: int = BLOCK_BYTES) -> dict[tuple[str, str], int]:
+    """Run pg_restore's plain-SQL output (``chunks``) over ``connections``; return rows per table."""
+    writers = [_Writer(conn, i) for i, conn in enumerate(connections)]
+    counts: dict[tuple[str, str], int] = {}
+    source = iter(chunks)
+    try:
+        _dispatch(source, writers, counts, block_bytes)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()  # stops pg_restore if the load ended early
+        for w in writers:
+            w.inbox.put(_STOP)
+        for w in writers:
+            w.thread.join()
+    for w in writers:
+        if w.error is not None:
+            raise PgToolError(f"COPY failed: {_first_line(w.error)}") from w.error
+    return counts
+
+
+def _dispatch(chunks: Iterator[bytes], writers: list[_Writer], counts: dict[tuple[str, str], int], block_bytes: int) -> None:
+    pending = bytearray()
+    statement: list[str] = []
+    key = ("", "")
+    turn = 0
+
+    def more() -> bool:
+        for chunk in chunks:
+            if chunk:
+                pending.extend(chunk)
+                return True
+        return False
+
+    while True:
+        # outside COPY: one text line at a time
+        nl = pending.find(b"\n")
+        if nl < 0:
+            if more():
+                continue
+            if pending.strip() or statement:
+                raise PgToolError("pg_restore output ended inside a statement")
+            return
+        line = pending[:nl].decode()
+        del pending[:nl + 1]
+        if m := _DATA_COMMENT.match(line):
+            key = (m.group(2) if m.group(2) != "-" else "", m.group(1))
+        if not statement and (not line.strip() or line.startswith("--") or line.startswith("\\")):
+            continue
+        if not statement and _COPY_LINE.fullmatch(line):
+            job = _Copy(line, key)
+            for w in writers:
+                w.inbox.put(job)
+            turn = _copy_blocks(pending, more, writers, turn, block_bytes)
+            for w in writers:
+                w.inbox.put(None)
+            results = [job.done.get() for _ in writers]
+            if any(err is not None for _, err in results):
+                return  # load_copy_stream raises the writer's error
+            counts[key] = counts.get(key, 0) + sum(rows for rows, _ in results)
+            continue
+        statement.append(line)
+        if line.rstrip().endswith(";"):
+            sql = "\n".join(statement)
+            statement.clear()
+            for w in writers:
+                w.inbox.put(sql)
+
+
+def _copy_blocks(pending: bytearray, more: Callable[[], bool], writers: list[_Writer], turn: int, block_bytes: int) -> int:
+    """Send the COPY data at the start of ``pending`` through its ``\\.`` line, in blocks of at most
+    ``block_bytes`` (or one longer line) ending at line ends, one writer after the other; leave what follows
+    in ``pending``; return the next writer's turn."""
+    scanned = 0  # pending[:scanned] holds no end line
+    while True:
+        if pending.startswith(_END):  # pending always starts at a line start
+            del pending[:len(_END)]
+            return turn
+        end = pending.find(b"\n" + _END, max(0, scanned - len(_END)))
+        if 0 <= end < block_bytes:
+            writers[turn % len(writers)].inbox.put(pending[:end + 1])
+            del pending[:end + 1 + len(_END)]
+            return turn + 1
+        scanned = len(pending) if end < 0 else end
+        cut = pending.rfind(b"\n", 0, block_bytes) if len(pending) >= block_bytes else -1
+        if cut < 0 and len(pending) >= block_bytes:
+            cut = pending.find(b"\n", block_bytes)  # one line longer than a block
+        if cut >= 0:
+            writers[turn % len(writers)].inbox.put(pending[:cut + 1])
+            turn += 1
+            del pending[:cut + 1]
+            scanned = max(0, scanned - (cut + 1))
+        elif not more():
+            raise PgToolError("pg_restore output ended inside COPY data")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class CopyText:
+    """``pg_restore --data-only -f -`` as the source of COPY text: ``chunks()`` yields its output and, at its
+    end, raises pg_restore's error line if it failed.  With ``from_stdin`` the archive is given with ``feed``
+    (in order, from its first byte) and ``end_input``; pg_restore then reads it once, front to back, so the
+    listed entries must be in the archive's order."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], from_stdin: bool = False) -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if from_stdin else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.tail: deque[str] = deque(maxlen=50)
+        self.reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self.reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self.tail.extend(line.decode(errors="replace").rstrip() for line in self.proc.stderr)
+
+    def feed(self, data: bytes) -> bool:
+        """Pass archive bytes on; False once pg_restore stopped reading (it failed, or the load did)."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(data)
+            return True
+        except (BrokenPipeError, ValueError):
+            return False
+
+    def end_input(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def chunks(self) -> Iterator[bytes]:
+        assert self.proc.stdout is not None
+        at_end = False
+        try:
+            while chunk := self.proc.stdout.read(BLOCK_BYTES):
+                yield chunk
+            at_end = True
+        finally:
+            if not at_end:
+                self.kill()  # closed early: the load stopped
+            rc = self.proc.wait()
+            self.reader.join()
+        if rc != 0:
+            errors = [ln for ln in self.tail if "error:" in ln] or [ln for ln in self.tail if ln] or [f"exit status {rc}"]
+            raise PgToolError(f"pg_restore failed: {errors[-1]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import random
@@ -241,3 +242,66 @@ def test_long_tags_are_skipped_not_kept() -> None:
     data, _ = build([Entry(1, "X" * 5000), Entry(2, "TABLE DATA", data=rows(1))])
     rec = feed_split(data, [3000])
     assert rec.entries[1].desc == "..." and rec.entries[2].desc == "TABLE DATA" and len(rec.patches()) == 1
+
+
+# --- the archive without its TABLE DATA blocks ---------------------------------------------------
+def _without_table_data(data: bytes, entries: list[Entry], starts: dict[int, int]) -> bytes:
+    bounds = sorted(starts.values()) + [len(data)]
+    ends = {start: bounds[i + 1] for i, start in enumerate(bounds[:-1])}
+    kept, pos = bytearray(), 0
+    for e in entries:
+        if e.desc == "TABLE DATA":
+            kept += data[pos:starts[e.dump_id]]
+            pos = ends[starts[e.dump_id]]
+    return bytes(kept + data[pos:])
+
+
+def _write_dropping(data: bytes, cuts: list[int]) -> tuple[bytes, ca.OffsetRecorder]:
+    out = io.BytesIO()
+    rec = ca.OffsetRecorder(drop_table_data=True)
+    writer = ca.ArchiveWriter(out, rec)
+    for a, b in itertools.pairwise([0, *cuts, len(data)]):
+        writer.feed(data[a:b])
+    writer.finish()
+    return out.getvalue(), rec
+
+
+@pytest.mark.parametrize("minor", [14, 16])
+@pytest.mark.parametrize(("entries", "compression"), [(TEXT_ENTRIES, 0), (BLOB_ENTRIES, 0), (BLOB_ENTRIES, 1)])
+def test_writer_leaves_out_table_data_at_every_split(tmp_path: Path, entries: list[Entry], compression: int, minor: int) -> None:
+    data, starts = build(entries, minor, compression)
+    want = _without_table_data(data, entries, starts)
+    rng = random.Random(minor)
+    splits = [[cut] for cut in range(len(data) + 1)] + [list(range(1, len(data)))]
+    splits += [sorted(rng.sample(range(1, len(data)), 6)) for _ in range(30)]
+    for cuts in splits:
+        written, rec = _write_dropping(data, cuts)
+        assert written == want, cuts
+    path = tmp_path / "reduced.dump"
+    path.write_bytes(written)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert ca.patch_offsets(fd, rec) == sum(e.has_data for e in entries)
+    finally:
+        os.close(fd)
+    # The patched file is a valid archive: TABLE DATA entries without data, other blocks where the TOC says.
+    patched = path.read_bytes()
+    again = feed_split(patched, [])
+    assert again.problem is None and again.patches() == []
+    for e in entries:
+        entry = again.entries[e.dump_id]
+        if e.desc == "TABLE DATA":
+            assert entry.flag == ca.K_OFFSET_NO_DATA
+        elif e.has_data:
+            assert entry.flag == ca.K_OFFSET_POS_SET and again.blocks[e.dump_id] == entry.offset
+            assert patched[entry.offset] == ca.BLK_BLOBS
+
+
+def test_writer_stops_when_the_layout_is_lost_after_a_drop() -> None:
+    data, _ = build(TEXT_ENTRIES)
+    bad = data + bytes([2]) + _int(3) + _int(0)  # an unknown block type after the TABLE DATA blocks
+    with pytest.raises(ValueError, match="cannot follow the archive's layout: unexpected block header"):
+        _write_dropping(bad, [len(data) - 5])
+    text = b"-- PostgreSQL database dump\n" * 3  # not an archive: nothing dropped, written whole
+    written, rec = _write_dropping(text, [5, 40])
+    assert written == text and rec.problem == "not a custom-format archive"

@@ -32,7 +32,7 @@ from saveit_backup.ops.logical import (
 from saveit_backup.ops.progress import Progress
 from saveit_backup.ops.verify import verify_backup
 from saveit_backup.pg.conn import connect, describe_dsn, find_tool, split_password, tool_env, with_dbname
-from saveit_backup.pg.custom_archive import OffsetRecorder, TocEntry, patch_offsets
+from saveit_backup.pg.custom_archive import ArchiveWriter, OffsetRecorder, TocEntry, patch_offsets
 from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
@@ -245,11 +245,12 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
 
     1. the header and table of contents are written to a private temporary file, listed (``pg_restore -l``
        with the selection) and the pre-data section restored from it;
-    2. the rest of the archive goes on to the file and, at the same time, to ``pg_restore --data-only -f -``
-       of the selected TABLE DATA entries, whose COPY text ``copy_loader`` loads over ``jobs`` connections,
-       every table split across all of them (pg_restore -j would load each table on one);
+    2. the whole archive goes to ``pg_restore --data-only -f -`` of the selected TABLE DATA entries, whose
+       COPY text ``copy_loader`` loads over ``jobs`` connections, every table split across all of them
+       (pg_restore -j would load each table on one); at the same time the rest of the archive but its TABLE
+       DATA blocks (large objects) goes on to the file, so the file stays small;
     3. the rest of the data section (sequence values, large objects) and then ``pg_restore -j`` of the
-       post-data section run from the finished file.
+       post-data section run from the finished file, its offsets patched (TABLE DATA entries: no data).
 
     Returns COPY's row counts.  Not for ``--clean``: its drops must run before any section, in pg_restore's
     order (foreign keys first).
@@ -266,16 +267,21 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
 
     with tempfile.TemporaryDirectory(prefix="saveit-restore-") as tmp:
         path = Path(tmp) / "archive.dump"
-        offsets = OffsetRecorder()
+        offsets = OffsetRecorder(drop_table_data=True)
         with open(path, "w+b") as out:
+            archive = ArchiveWriter(out, offsets)
 
             def write(chunk: bytes) -> None:
-                out.write(chunk)
-                offsets.feed(chunk)
+                try:
+                    archive.feed(chunk)
+                except ValueError as exc:
+                    raise IntegrityError(f"{exc}; restore with --jobs 1") from None
 
-            for chunk in chunks:  # through the table of contents (all of it if the recorder cannot tell where that ends)
+            head: list[bytes] = []  # the chunks through the table of contents (or the recorder's failure: then nothing is dropped)
+            for chunk in chunks:
                 write(chunk)
-                if offsets.toc_end is not None:
+                head.append(chunk)
+                if offsets.toc_end is not None or offsets.problem is not None:
                     break
             out.flush()
             others, table_data = _section_lists(pg_restore, selection, path, env)
@@ -296,7 +302,7 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
                 loader = threading.Thread(target=load, name="copy-load", daemon=True)
                 loader.start()
                 try:
-                    feeding = text.feed(os.pread(out.fileno(), out.tell(), 0))
+                    feeding = text.feed(b"".join(head))
                     for chunk in chunks:
                         write(chunk)
                         feeding = feeding and text.feed(chunk)
@@ -313,13 +319,17 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
                 phase(f"decode and table data over {jobs} connections")
             for chunk in chunks:
                 write(chunk)
+            archive.finish()
             out.flush()
-            patch_offsets(out.fileno(), offsets)  # large objects: pg_restore -j finds their block directly
+            if patch_offsets(out.fileno(), offsets) == 0 and offsets.dropped:
+                raise IntegrityError(f"cannot rewrite the archive's table of contents ({offsets.problem or 'see --verbose'}); "
+                                     "restore with --jobs 1")
         _run(args + ["-L", str(others), "--section=data", str(path)], env, None)
         phase("other data")
         _run(args + ["-L", str(others), "-j", str(jobs), "--section=post-data", str(path)], env, None)
         phase(f"post-data -j{jobs}")
-    log.info("restore phases: %s (%d bytes)", ", ".join(phases), offsets.size)
+    log.info("restore phases: %s (%d bytes, %d of them TABLE DATA loaded by COPY)", ", ".join(phases), offsets.size,
+             offsets.size - offsets.written_size())
     return dict(counts)
 
 

@@ -27,6 +27,10 @@ which never contains a NUL byte; a chunk header of non-zero length has at most `
 in a row; so the block's end marker is the first run of ``int_size + 1`` zero bytes after the block
 header, found with ``bytes.find``.  Large objects and compressed archives are walked chunk by chunk.
 
+With ``drop_table_data`` the recorder also marks the TABLE DATA blocks, and ``ArchiveWriter`` writes the
+archive without them (for a restore whose table data goes elsewhere, see ``ops.copy_loader``); the
+patches then set those entries to "no data" and the other blocks' offsets to their new positions.
+
 Anything unexpected (unknown version, truncated stream, a block for an unknown entry) leaves the
 recorder without patches and a ``problem``: the archive stays as written, which pg_restore reads anyway.
 """
@@ -37,6 +41,7 @@ import logging
 import os
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,7 @@ class Patch:
     dump_id: int
     field_pos: int
     offset: int
+    flag: int = K_OFFSET_POS_SET
 
 
 class OffsetRecorder:
@@ -87,7 +93,10 @@ class OffsetRecorder:
     never raises: a problem stops the recording and is kept in ``problem``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, drop_table_data: bool = False) -> None:
+        self.drop_table_data = drop_table_data
+        self.dropped: list[tuple[int, int]] = []  # stream ranges [start, end) of the TABLE DATA blocks, in order
+        self.drop_from: int | None = None  # start of the TABLE DATA block being read
         self.version: tuple[int, int, int] | None = None
         self.int_size = 4
         self.off_size = 8
@@ -291,30 +300,110 @@ class OffsetRecorder:
             if block[1] != 0 or entry is None or entry.flag == K_OFFSET_NO_DATA or dump_id in self.blocks:
                 raise _Unusable(f"unexpected block header {block.hex()} at {start}")
             self.blocks[dump_id] = start
+            drop = self.drop_table_data and kind == BLK_DATA and entry.desc == "TABLE DATA"
+            if drop:
+                self.drop_from = start
             if kind == BLK_DATA:
                 if fast:
                     yield (_SCAN, 1 + self.int_size)
                 else:
                     yield from self._chunks()
+                if drop:
+                    self.dropped.append((start, self._pos))
+                    self.drop_from = None
             elif kind == BLK_BLOBS:
                 while (yield from self._int()) != 0:  # a large object's OID, then its chunks
                     yield from self._chunks()
             else:
                 raise _Unusable(f"unknown block type {kind} at {start}")
 
+    @property
+    def settled(self) -> int:
+        """Stream position through which every byte is known to be in a dropped block or not: all bytes fed,
+        but those of a block header still incomplete."""
+        if self._gen is not None and self._at_block_boundary:
+            return self.size - len(self._buf)
+        return self.size
+
     # --- results -----------------------------------------------------------------------
     def patches(self) -> list[Patch]:
-        """Offsets to write once the whole archive was fed; empty (with ``problem`` set) if unusable."""
+        """Offsets to write once the whole archive was fed; empty (with ``problem`` set) if unusable.
+
+        With dropped blocks: every dropped entry gets "no data", every other block its position in the
+        archive without them."""
         if self.problem is None and not (self._at_block_boundary and not self._buf):
             self._stop(f"archive ends inside its {'data' if self.blocks else 'header or TOC'} at {self.size}")
         if self.problem is not None:
             return []
         out = []
+        dropped = {start for start, _ in self.dropped}
+        removed = 0  # bytes dropped before the block at hand (blocks are in stream order)
+        ranges = iter(self.dropped)
         for dump_id, start in self.blocks.items():
             entry = self.entries[dump_id]
-            if entry.flag == K_OFFSET_POS_NOT_SET and start < 1 << (8 * self.off_size):
-                out.append(Patch(dump_id, entry.field_pos, start))
+            if start in dropped:
+                begin, end = next(ranges)
+                removed += end - begin
+                out.append(Patch(dump_id, entry.field_pos, 0, K_OFFSET_NO_DATA))
+            elif start - removed >= 1 << (8 * self.off_size):
+                continue
+            elif entry.flag == K_OFFSET_POS_NOT_SET or (self.dropped and entry.offset != start - removed):
+                out.append(Patch(dump_id, entry.field_pos, start - removed))
         return out
+
+    def written_size(self) -> int:
+        return self.size - sum(end - start for start, end in self.dropped)
+
+
+class ArchiveWriter:
+    """Feeds an ``OffsetRecorder(drop_table_data=True)`` and writes what it does not drop to ``out``.
+
+    A few bytes whose fate is not known yet (an incomplete block header) wait for the next ``feed``.
+    If the recorder fails once blocks were dropped, the file cannot be completed: ``feed`` raises
+    ``ValueError``; if it fails before, the rest of the archive is written whole."""
+
+    def __init__(self, out: BinaryIO, recorder: OffsetRecorder) -> None:
+        self.out = out
+        self.recorder = recorder
+        self._carry = b""  # fed bytes after the settled position
+        self._done = 0  # stream position through which bytes were written or dropped
+        self._next = 0  # index in recorder.dropped of the first range not wholly before _done
+
+    def feed(self, chunk: bytes) -> None:
+        rec = self.recorder
+        rec.feed(chunk)
+        if rec.problem is not None and (rec.dropped or rec.drop_from is not None):
+            raise ValueError(f"cannot follow the archive's layout: {rec.problem}")
+        settled = rec.settled if rec.problem is None else rec.size
+        data = memoryview(self._carry + chunk if self._carry else chunk)
+        upto = settled - self._done
+        self._write_kept(data[:upto])
+        self._carry = bytes(data[upto:])
+        self._done = settled
+
+    def _write_kept(self, view: memoryview) -> None:
+        rec = self.recorder
+        start, end = self._done, self._done + len(view)
+        ranges = rec.dropped[self._next:]
+        if rec.drop_from is not None:
+            ranges.append((rec.drop_from, end))
+        pos = start
+        for a, b in ranges:
+            if a >= end:
+                break
+            if a > pos:
+                self.out.write(view[pos - start:a - start])
+            pos = max(pos, b)
+        if pos < end:
+            self.out.write(view[pos - start:])
+        while self._next < len(rec.dropped) and rec.dropped[self._next][1] <= end:
+            self._next += 1
+
+    def finish(self) -> None:
+        """Write what is left (an archive that ends in an incomplete block header: ``patches`` says so)."""
+        self._write_kept(memoryview(self._carry))
+        self._done += len(self._carry)
+        self._carry = b""
 
 
 def patch_offsets(fd: int, recorder: OffsetRecorder) -> int:
@@ -328,18 +417,18 @@ def patch_offsets(fd: int, recorder: OffsetRecorder) -> int:
         log.debug("archive data offsets not patched: %s", recorder.problem or "no entry lacks its offset")
         return 0
     try:
-        if os.fstat(fd).st_size != recorder.size:
-            log.debug("archive data offsets not patched: file size %d, stream %d", os.fstat(fd).st_size, recorder.size)
+        if os.fstat(fd).st_size != recorder.written_size():
+            log.debug("archive data offsets not patched: file size %d, stream %d", os.fstat(fd).st_size, recorder.written_size())
             return 0
         for p in patches:
             block = os.pread(fd, 2 + recorder.int_size, p.offset)
-            if (os.pread(fd, 1, p.field_pos) != bytes([K_OFFSET_POS_NOT_SET]) or len(block) < 2 + recorder.int_size
-                    or block[0] not in (BLK_DATA, BLK_BLOBS) or block[1] != 0
-                    or int.from_bytes(block[2:], "little") != p.dump_id):
+            if (os.pread(fd, 1, p.field_pos) != bytes([recorder.entries[p.dump_id].flag])
+                    or (p.flag == K_OFFSET_POS_SET and (len(block) < 2 + recorder.int_size or block[0] not in (BLK_DATA, BLK_BLOBS)
+                                                        or block[1] != 0 or int.from_bytes(block[2:], "little") != p.dump_id))):
                 log.debug("archive data offsets not patched: entry %d does not match the file", p.dump_id)
                 return 0
         for p in patches:
-            os.pwrite(fd, bytes([K_OFFSET_POS_SET]) + p.offset.to_bytes(recorder.off_size, "little"), p.field_pos)
+            os.pwrite(fd, bytes([p.flag]) + p.offset.to_bytes(recorder.off_size, "little"), p.field_pos)
     except OSError as exc:
         log.debug("archive data offsets not patched: %s", exc)  # each written patch is valid on its own
         return 0

@@ -305,3 +305,159 @@ def test_writer_stops_when_the_layout_is_lost_after_a_drop() -> None:
     text = b"-- PostgreSQL database dump\n" * 3  # not an archive: nothing dropped, written whole
     written, rec = _write_dropping(text, [5, 40])
     assert written == text and rec.problem == "not a custom-format archive"
+
+
+# --- re-chunking ---------------------------------------------------------------------------
+def _walk(data: bytes, at: int, size: int = 4) -> tuple[int, int, list[int], bytes, int]:
+    """Block type, dump ID, chunk lengths, payload and end position of the data block at ``at``."""
+    def read_int(p: int) -> tuple[int, int]:
+        v = int.from_bytes(data[p + 1:p + 1 + size], "little")
+        return (-v if data[p] else v), p + 1 + size
+    kind = data[at]
+    dump_id, p = read_int(at + 1)
+    lengths, payload = [], bytearray()
+
+    def chunks(p: int) -> int:
+        while True:
+            n, p = read_int(p)
+            if n == 0:
+                return p
+            lengths.append(n)
+            payload.extend(data[p:p + n])
+            p += n
+    if kind == ca.BLK_DATA:
+        p = chunks(p)
+    else:
+        while True:
+            oid, p = read_int(p)
+            if oid == 0:
+                break
+            payload.extend(oid.to_bytes(4, "little"))
+            p = chunks(p)
+    return kind, dump_id, lengths, bytes(payload), p
+
+
+def rechunk_split(data: bytes, cuts: list[int]) -> tuple[ca.OffsetRecorder, bytes]:
+    rec = ca.OffsetRecorder(rechunk=True)
+    bounds = [0, *cuts, len(data)]
+    out = b"".join(rec.feed(data[a:b]) for a, b in itertools.pairwise(bounds)) + rec.finish()
+    assert rec.out_size == len(out)
+    return rec, out
+
+
+def check_rechunked(entries: list[Entry], data: bytes, starts: dict[int, int], rec: ca.OffsetRecorder, out: bytes) -> None:
+    """Same blocks in the same order, same payload; table data in target-sized chunks; offsets in ``out``."""
+    offsets = {p.dump_id: p.offset for p in rec.patches()}
+    assert rec.problem is None and set(offsets) == set(starts)
+    by_id = {e.dump_id: e for e in entries}
+    p_in = min(starts.values())
+    assert out[:p_in] == data[:p_in]  # header and TOC untouched
+    for dump_id in sorted(starts, key=starts.__getitem__):
+        kind, got_id, lengths, payload, end = _walk(out, offsets[dump_id])
+        kind_in, _, lengths_in, payload_in, end_in = _walk(data, starts[dump_id])
+        assert (kind, got_id, payload) == (kind_in, dump_id, payload_in)
+        if kind == ca.BLK_DATA and by_id[dump_id].desc == "TABLE DATA" and all(c.endswith(b"\n") for c in by_id[dump_id].data or []):
+            t = ca.CHUNK_TARGET
+            assert lengths == [t] * (len(payload) // t) + ([len(payload) % t] if len(payload) % t else [])
+        elif kind != ca.BLK_DATA:
+            assert lengths == lengths_in
+        assert end - offsets[dump_id] <= end_in - starts[dump_id]
+    assert end == len(out)
+
+
+REWRITE_ENTRIES = [
+    Entry(1, "ENCODING"),
+    Entry(2, "TABLE"),
+    Entry(10, "TABLE DATA", data=rows(20000, 13), deps=[2]),  # many tiny rows: several target-sized chunks
+    Entry(11, "TABLE DATA", data=[], deps=[2]),
+    # length bytes that are newlines (10, 266, 2560) and zero runs (256, 65536); rows longer than a chunk
+    Entry(12, "TABLE DATA", data=[b"a" * 9 + b"\n", b"b" * 265 + b"\n", b"c" * 2559 + b"\n", b"d" * 255 + b"\n",
+                                  b"e" * 65535 + b"\n", b"f" * 200000 + b"\n", b"g\n"]),
+    Entry(13, "TABLE DATA", data=[b"no newline at the end", b"x\n"]),  # written as it came
+    Entry(6, "BLOBS", blobs=[(16414, [b"\x00\x01\n\x00\x00\x00\x00\x00\x02"])]),
+    Entry(14, "TABLE DATA", data=[b"1\t\\\\x0a0d\t\\n\\r\n"] * 3),
+]
+
+
+@pytest.mark.parametrize("minor", [14, 16])
+def test_rechunk_keeps_payload_and_offsets_at_every_split(minor: int) -> None:
+    small = [Entry(1, "ENCODING"), Entry(10, "TABLE DATA", data=rows(50)), Entry(11, "TABLE DATA", data=[]),
+             Entry(12, "TABLE DATA", data=[b"a" * 9 + b"\n", b"b" * 265 + b"\n", b"x\n"]), Entry(13, "TABLE DATA", data=[b"c\n"] * 3),
+             Entry(6, "BLOBS", blobs=[(7, [b"\n\0\0\0\0\0\0"])]), Entry(14, "TABLE DATA", data=[b"y" * 256 + b"\n"])]
+    data, starts = build(small, minor)
+    _, whole = rechunk_split(data, [])
+    for cut in range(len(data) + 1):
+        rec, out = rechunk_split(data, [cut])
+        assert out == whole, cut
+        check_rechunked(small, data, starts, rec, out)
+    rec, out = rechunk_split(data, list(range(1, len(data))))  # one byte at a time
+    assert out == whole
+    check_rechunked(small, data, starts, rec, out)
+    assert (rec.rechunked, rec.unchanged) == (5, 0)
+
+
+def test_rechunk_large_blocks_in_random_splits(tmp_path: Path) -> None:
+    data, starts = build(REWRITE_ENTRIES)
+    rng = random.Random(5)
+    for cuts in ([], list(range(65521, len(data), 65521)), list(range(1 << 20, len(data), 1 << 20)),
+                 sorted(rng.sample(range(1, len(data)), 40))):
+        rec, out = rechunk_split(data, cuts)
+        check_rechunked(REWRITE_ENTRIES, data, starts, rec, out)
+        assert (rec.rechunked, rec.unchanged) == (4, 1)
+        assert len(out) < len(data)
+    # patched in the written file: a fresh look finds every offset set and pointing at its block
+    path = tmp_path / "a.dump"
+    path.write_bytes(out)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert ca.patch_offsets(fd, rec) == len(starts)
+    finally:
+        os.close(fd)
+    patched = path.read_bytes()
+    again = feed_split(patched, [100])
+    assert again.patches() == [] and again.problem is None
+    for dump_id in starts:
+        entry = again.entries[dump_id]
+        assert entry.flag == ca.K_OFFSET_POS_SET and _walk(patched, entry.offset)[1] == dump_id
+
+
+@pytest.mark.parametrize(("entries", "compression"), [(TEXT_ENTRIES, 1), (BLOB_ENTRIES, 0)])
+def test_rechunk_leaves_compressed_data_and_large_objects_alone(entries: list[Entry], compression: int) -> None:
+    data, starts = build([e for e in entries if e.desc != "TABLE DATA" or compression], 15, compression)
+    for cuts in ([], [len(data) // 2]):
+        rec, out = rechunk_split(data, cuts)
+        assert out == data and rec.problem is None and rec.rechunked == 0
+        assert {p.dump_id: p.offset for p in rec.patches()} == starts
+
+
+def test_rechunk_stops_cleanly_on_unexpected_input() -> None:
+    data, _ = build(REWRITE_ENTRIES)
+    for bad in (data[:-3], data[:len(data) // 2], data + b"\x01junk"):
+        for cuts in ([], [len(bad) // 3]):
+            rec, out = rechunk_split(bad, cuts)
+            assert rec.patches() == [] and rec.problem
+            # what was written still reads back to the same table data, up to where the input stops
+            ref = ca.OffsetRecorder()
+            ref.feed(data)
+            for dump_id, at in ref.blocks.items():
+                if at + 1000 < len(bad) and dump_id in rec.blocks and rec.blocks[dump_id] + 1000 < len(out):
+                    assert out[rec.blocks[dump_id]] == data[at]
+    rec = ca.OffsetRecorder(rechunk=True)
+    assert rec.feed(b"-- a plain SQL script\n") == b"-- a plain SQL script\n" and rec.problem
+
+
+def test_rechunk_with_an_unknown_version_passes_bytes_through() -> None:
+    data, _ = build(REWRITE_ENTRIES)
+    bad = _replace(data, 6, bytes([17]))
+    rec, out = rechunk_split(bad, [1000])
+    assert out == bad and rec.patches() == []
+
+
+def test_rechunk_many_small_tables_in_one_chunk() -> None:
+    entries = [Entry(i, "TABLE DATA", data=rows(i % 7)) for i in range(1, 3001)]
+    entries.append(Entry(4000, "TABLE DATA", data=rows(30000, 40)))
+    data, starts = build(entries)
+    for cuts in ([], [len(data) // 2]):
+        rec, out = rechunk_split(data, cuts)  # windows: not the whole rest of the input once per table
+        check_rechunked(entries, data, starts, rec, out)
+        assert (rec.rechunked, rec.unchanged) == (3001, 0)

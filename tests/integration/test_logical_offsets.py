@@ -68,9 +68,7 @@ def test_piped_dump_patched_like_a_file_dump(runbook_db: Database, tmp_path: Pat
 def test_cli_parallel_restore_splits_tables_across_connections(runbook_db: Database, repo_dir: Path) -> None:
     runbook_db.sql("SELECT lo_from_bytea(0, '\\x000102000000000000ff'::bytea)")  # "other data": large objects
     cli = cli_for(runbook_db, f"file://{repo_dir}")
-    backup = json.loads(cli("--json", "backup").stdout)
-    bid = backup["id"]
-    assert backup["options"]["rechunked_blocks"] == 5  # every table's rows stored in 64 KiB chunks, not one per row
+    bid = json.loads(cli("--json", "backup").stdout)["id"]
     target = new_database(runbook_db.cluster, "offsets_cli")
     res = cli("restore", bid, "--target-db", target.dsn, "--jobs", "2")
     assert "all equal" in res.stdout
@@ -87,53 +85,3 @@ def test_cli_parallel_restore_splits_tables_across_connections(runbook_db: Datab
                       "SELECT count(*) FROM pg_indexes WHERE schemaname = 'public'",
                       "SELECT count(*) FROM pg_constraint WHERE contype = 'f'"):
             assert dst.execute(query).fetchall() == src.execute(query).fetchall(), query
-
-
-EXTRA_TABLES = ("public.wide_rows", "public.tiny_rows", "public.escaped")
-
-
-def test_rechunked_archive_restores_the_same_tables(runbook_db: Database, tmp_path: Path) -> None:
-    runbook_db.sql(
-        "CREATE TABLE wide_rows (id int, t text, b bytea);"
-        "INSERT INTO wide_rows SELECT i, repeat(md5(i::text), 2500 * i), decode(repeat('0a00ff', 30000), 'hex')"
-        " FROM generate_series(1, 4) i;"  # rows of 80-320 KB, longer than a chunk
-        "CREATE TABLE tiny_rows (i int); INSERT INTO tiny_rows SELECT generate_series(1, 200000);"
-        "CREATE TABLE escaped (t text, b bytea);"
-        "INSERT INTO escaped SELECT E'line\\nbreak\\ttab\\\\slash\\r' || i, decode('0a0d0009' || lpad(to_hex(i), 8, '0'), 'hex')"
-        " FROM generate_series(1, 3000) i;"
-        "SELECT lo_from_bytea(0, '\\x0a000a0000000000ff'::bytea);")
-    cluster = runbook_db.cluster
-    env = dict(os.environ, PGHOST=cluster.host, PGPORT=str(cluster.port))
-    path = tmp_path / "rechunked.dump"
-    rec = OffsetRecorder(rechunk=True)
-    proc = subprocess.Popen([cluster.tool("pg_dump"), "-Fc", "-Z0", runbook_db.name], stdout=subprocess.PIPE, env=env)
-    assert proc.stdout is not None
-    with open(path, "w+b") as out:
-        while chunk := proc.stdout.read(65521):
-            out.write(rec.feed(chunk))
-        out.write(rec.finish())
-        assert proc.wait() == 0
-        out.flush()
-        assert rec.problem is None and rec.unchanged == 0 and rec.rechunked == 8  # 5 runbook tables + 3
-        assert rec.rows_in > 200000 and rec.chunks_out < rec.rows_in // 100
-        assert patch_offsets(out.fileno(), rec) == 9  # and the large objects
-    assert rec.out_size < rec.size
-
-    target = new_database(cluster, "rechunked")
-    subprocess.run([cluster.tool("pg_restore"), "-j2", "--exit-on-error", "-d", target.name, str(path)], env=env, check=True)
-    tables = sample.RUNBOOK_TABLES + EXTRA_TABLES
-    with runbook_db.connect() as src, target.connect() as dst:
-        assert sample.row_counts(dst, tables) == sample.row_counts(src, tables)
-        assert sample.content_checksums(dst, tables) == sample.content_checksums(src, tables)
-        assert dst.execute("SELECT lo_get(oid) FROM pg_largeobject_metadata").fetchone()[0] == b"\n\0\n\0\0\0\0\0\xff"
-
-    # The same through the tool: a backup (stored re-chunked) restored by the COPY loader over 2 connections.
-    cli = cli_for(runbook_db, f"file://{tmp_path / 'repo'}")
-    bid = json.loads(cli("--json", "backup").stdout)["id"]
-    assert json.loads(cli("--json", "show", bid).stdout)["options"]["rechunked_blocks"] == 8
-    loaded = new_database(cluster, "rechunked_cli")
-    res = cli("restore", bid, "--target-db", loaded.dsn, "--jobs", "2")
-    assert "all equal" in res.stdout and "decode and table data over 2 connections" in res.stderr
-    with runbook_db.connect() as src, loaded.connect() as dst:
-        assert sample.content_checksums(dst, tables) == sample.content_checksums(src, tables)
-        assert dst.execute("SELECT lo_get(oid) FROM pg_largeobject_metadata").fetchone()[0] == b"\n\0\n\0\0\0\0\0\xff"

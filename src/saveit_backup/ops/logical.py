@@ -16,7 +16,6 @@ from saveit_backup.domain.manifest import Manifest, ObjectEntry, TableCount, iso
 from saveit_backup.errors import PgToolError
 from saveit_backup.ops.progress import Progress
 from saveit_backup.pg.conn import connect, find_tool, server_facts, split_password, tool_env, with_dbname
-from saveit_backup.pg.custom_archive import OffsetRecorder, coalesce
 from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 
@@ -156,11 +155,9 @@ def backup_logical(ctx: Context, selection: Selection, progress: Progress) -> Ma
         for database in databases:
             db_dsn = with_dbname(dsn, database) if selection.all_databases else dsn
             name = dump_object_name(database, selection.all_databases)
-            entry, tables, rechunked = _dump_database(repo, bid, name, db_dsn, database, pg_dump, selection, options, progress,
-                                                      db_size)
+            entry, tables = _dump_database(repo, bid, name, db_dsn, database, pg_dump, selection, options, progress, db_size)
             manifest.objects.append(entry)
             manifest.tables += tables
-            manifest.options["rechunked_blocks"] = int(manifest.options.get("rechunked_blocks", 0)) + rechunked
         manifest.finished = iso(utcnow())
         repo.commit(manifest)
         log.info("backup %s committed: %d bytes stored", bid, manifest.stored_bytes)
@@ -168,9 +165,8 @@ def backup_logical(ctx: Context, selection: Selection, progress: Progress) -> Ma
 
 
 def _dump_database(repo: Any, bid: str, name: str, dsn: str, database: str, pg_dump: str, selection: Selection,
-                   options: Any, progress: Progress, size_hint: int) -> tuple[ObjectEntry, list[TableCount], int]:
-    """One snapshot: export it, count rows in it (in a thread) while pg_dump dumps it; also the number of
-    data blocks stored re-chunked."""
+                   options: Any, progress: Progress, size_hint: int) -> tuple[ObjectEntry, list[TableCount]]:
+    """One snapshot: export it, count rows in it (in a thread) while pg_dump dumps it."""
     conn = connect(dsn, autocommit=False)
     try:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -192,18 +188,13 @@ def _dump_database(repo: Any, bid: str, name: str, dsn: str, database: str, pg_d
         stream = _stream_process(cmd, tool_env(pw_env), f"pg_dump of {database}")
         counter = threading.Thread(target=count, name="row-counts", daemon=True)
         counter.start()
-        # pg_dump -Z0 writes one chunk per row; pg_restore sends each chunk as a CopyData message of its own.
-        # Stored with the rows coalesced into chunks of about 64 KiB (docs/format.md, "Logical dumps").
-        recorder = OffsetRecorder(rechunk=True)
-        dumped = coalesce(progress.track(read_ahead(stream), f"dump {database}", size_hint), recorder)
         # The snapshot stays exported while this transaction is open: pg_dump imports it at start.
-        digest = repo.put_object(layout.object_key(bid, name), dumped, options)
+        digest = repo.put_object(layout.object_key(bid, name),
+                                 progress.track(read_ahead(stream), f"dump {database}", size_hint), options)
         counter.join()
         if failure:
             raise PgToolError(f"counting rows in {database} failed: {failure[0]}")
-        log.info("dump of %s: %d data blocks re-chunked (%d row chunks into %d)%s", database, recorder.rechunked,
-                 recorder.rows_in, recorder.chunks_out, f", {recorder.unchanged} left as written" if recorder.unchanged else "")
-        return _entry(name, digest), counts, recorder.rechunked
+        return _entry(name, digest), counts
     finally:
         conn.close()
 

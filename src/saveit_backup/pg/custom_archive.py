@@ -33,32 +33,15 @@ patches then set those entries to "no data" and the other blocks' offsets to the
 
 Anything unexpected (unknown version, truncated stream, a block for an unknown entry) leaves the
 recorder without patches and a ``problem``: the archive stays as written, which pg_restore reads anyway.
-
-Re-chunking (``OffsetRecorder(rechunk=True)``; ``feed`` then returns the bytes to write).  ``pg_dump -Z0``
-writes one chunk per row and ``pg_restore`` passes each chunk on as it reads it (for COPY data one
-``PQputCopyData`` call, one CopyData message, per chunk); COPY data is a byte stream, so pg_restore does
-not need chunks to end at rows, and a TABLE DATA block of an uncompressed archive is rewritten with its
-rows coalesced into chunks of about ``CHUNK_TARGET`` bytes (still ending with the zero length).  Chunk
-headers are found in bulk: every row of COPY text (and every INSERT statement) ends with a newline, so a
-chunk header starts at the block's start or right after a newline byte; the candidates are read with
-numpy and kept only if they form one unbroken chain of lengths (each header's length leads exactly to the
-next), ending at the zero length or at the end of the bytes seen so far.  A block whose chain does not
-check out (a chunk not ending with a newline, as newer pg_dump writes, or any surprise) is written
-unchanged from that point on.  Offsets recorded for the TOC are positions in the rewritten stream.
-The logical backup re-chunks as pg_dump's output streams into the pipeline (``coalesce``), where the
-pipeline mostly waits for pg_dump; the restore does not (it would cost about 1.1 ms of CPU per MiB,
-as much as it saves pg_restore there: docs/benchmarks.md, "Re-chunking").
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import BinaryIO
-
-import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +55,12 @@ K_OFFSET_POS_SET = 2
 K_OFFSET_NO_DATA = 3
 COMPRESSION_NONE = 0
 _NAME_LIMIT = 1024  # tags and descs longer than this are skipped, not kept
-CHUNK_TARGET = 64 * 1024  # payload bytes per data chunk when re-chunking
-_WINDOW_MIN, _WINDOW_MAX = 64 * 1024, 4 * 1024 * 1024  # bytes of a data block looked at in one go
 
-# Requests from the parser coroutine to the feeder: read N bytes (sent back), skip N bytes, consume
-# through the first run of N zero bytes, or re-chunk a data block (N: the int size).
-_READ, _SKIP, _SCAN, _RECHUNK = 0, 1, 2, 3
+# Requests from the parser coroutine to the feeder: read N bytes (sent back), skip N bytes, or consume
+# through the first run of N zero bytes.
+_READ, _SKIP, _SCAN = 0, 1, 2
 _Request = tuple[int, int]
 _Parser = Generator[_Request, bytes | None, None]
-_Out = list[bytes | memoryview]
 
 
 class _Unusable(Exception):
@@ -106,207 +86,14 @@ class Patch:
     flag: int = K_OFFSET_POS_SET
 
 
-@dataclass
-class _Chain:
-    """What one look at a data block's bytes found: payload bytes, and how the bytes end."""
-
-    payload: memoryview  # the rows' bytes with their chunk headers removed
-    rows: int  # chunk headers removed (the end marker not counted)
-    used: int  # bytes of the input consumed
-    ended: bool  # the end marker was consumed
-    need: int  # payload bytes of the last chunk still to come
-    carry: bytes  # an incomplete chunk header at the end, kept for the next bytes
-
-
-class _Scratch:
-    """A reusable boolean array (fresh large arrays cost page faults on every window)."""
-
-    def __init__(self) -> None:
-        self.array = np.empty(0, bool)
-
-    def get(self, n: int) -> np.ndarray:
-        if len(self.array) < n:
-            self.array = np.empty(max(n, 2 * len(self.array)), bool)
-        return self.array[:n]
-
-
-def _chain(buf: bytes, int_size: int, scratch: _Scratch) -> _Chain | None:
-    """Chunk headers in ``buf`` (which starts at one), found in bulk; None unless they chain up exactly."""
-    hdr = 1 + int_size
-    n = len(buf)
-    if n < hdr:
-        return _Chain(memoryview(b""), 0, n, False, 0, buf)
-    arr = np.frombuffer(buf, np.uint8)
-    work = scratch.get(n)
-    np.equal(arr, 10, out=work)
-    newlines = np.flatnonzero(work)
-    cand = np.empty(len(newlines) + 1, np.int64)
-    cand[0] = 0
-    np.add(newlines, 1, out=cand[1:])
-    cand = cand[:int(np.searchsorted(cand, n - hdr, "right"))]  # candidates with a whole header
-    bad = arr[cand] != 0  # the sign byte
-    length = np.zeros(len(cand), np.int64)
-    for k in range(int_size):
-        byte = arr[cand + 1 + k]
-        if k < 4:
-            length |= byte.astype(np.int64) << (8 * k)
-        else:
-            bad |= byte != 0  # 4 GiB or more: not a row
-    nxt = cand + hdr + length
-
-    def prefix(cand: np.ndarray, nxt: np.ndarray, stop: np.ndarray) -> int:
-        """Index of the first candidate that is not followed by the next one (or that stops the chain)."""
-        brk = np.flatnonzero((nxt[:-1] != cand[1:]) | stop[:-1])
-        return int(brk[0]) if len(brk) else len(cand) - 1
-
-    stop = bad | (length == 0)
-    m = prefix(cand, nxt, stop)
-    if not stop[m] and m < len(cand) - 1:
-        # A newline that is not a row's end (a length byte of 10): keep the block's start and the
-        # candidates some candidate's length leads to, then chain again.
-        targets = nxt[~stop]
-        targets = targets[targets <= cand[-1]]
-        idx = np.searchsorted(cand, targets)
-        hit = idx[cand[idx] == targets]
-        keep = np.zeros(len(cand), bool)
-        keep[0] = True
-        keep[hit] = True
-        cand, nxt, stop, bad, length = cand[keep], nxt[keep], stop[keep], bad[keep], length[keep]
-        m = prefix(cand, nxt, stop)
-        if not stop[m] and m < len(cand) - 1:
-            return None
-    if bad[m]:
-        return None
-    heads = cand[:m + 1]
-    if length[m] == 0:  # the end marker
-        end = int(heads[-1])
-        heads = heads[:-1]
-        used, ended, need, carry = end + hdr, True, 0, b""
-    else:
-        e = int(nxt[m])
-        if e <= n - hdr:  # the next header is whole but was no candidate: a chunk not ending with a newline
-            return None
-        end = min(e, n)
-        used, ended, need, carry = n, False, max(0, e - n), buf[e:] if e < n else b""
-    mask = scratch.get(end)
-    mask.fill(True)
-    for k in range(hdr):
-        mask[heads + k] = False
-    return _Chain(memoryview(arr[:end][mask]), len(heads), used, ended, need, carry)
-
-
-class _Rechunker:
-    """Rewrites one data block (from just after its header) into chunks of about ``CHUNK_TARGET`` bytes."""
-
-    def __init__(self, int_size: int) -> None:
-        self.int_size = int_size
-        self.pending: list[bytes | memoryview] = []  # payload not yet written as a chunk
-        self.pending_n = 0
-        self.need = 0  # payload bytes of the current input chunk still to come
-        self.carry = b""  # part of an input chunk header
-        self.consumed = 0  # input bytes taken
-        self.written = 0  # output bytes given
-        self.rows = 0
-        self.chunks = 0
-        self.window = _WINDOW_MIN
-        self.scratch = _Scratch()
-
-    def _header(self, n: int) -> bytes:
-        return b"\0" + n.to_bytes(self.int_size, "little")
-
-    def _emit(self, out: _Out, piece: bytes | memoryview) -> None:
-        out.append(piece)
-        self.written += len(piece)
-
-    def _add(self, out: _Out, payload: bytes | memoryview) -> None:
-        """Queue payload; write each full chunk as its header then the queued pieces (no joining here)."""
-        view = memoryview(payload)
-        while self.pending_n + len(view) >= CHUNK_TARGET:
-            take = CHUNK_TARGET - self.pending_n
-            self._emit(out, self._header(CHUNK_TARGET))
-            for piece in self.pending:
-                self._emit(out, piece)
-            self._emit(out, view[:take])
-            self.chunks += 1
-            self.pending, self.pending_n = [], 0
-            view = view[take:]
-        if len(view):
-            self.pending.append(view)
-            self.pending_n += len(view)
-
-    def _flush(self, out: _Out) -> None:
-        if self.pending_n:
-            self._emit(out, self._header(self.pending_n))
-            for piece in self.pending:
-                self._emit(out, piece)
-            self.chunks += 1
-            self.pending, self.pending_n = [], 0
-
-    def abandon(self, out: _Out) -> bytes:
-        """Write what is held so that the input from here on continues a valid block; return the carry."""
-        self._flush(out)
-        if self.need:  # the rest of a chunk whose header was removed: give it a header of its own
-            self._emit(out, self._header(self.need))
-            self.need = 0
-        carry, self.carry = self.carry, b""
-        if carry:
-            self._emit(out, carry)
-        return carry
-
-    def feed(self, chunk: bytes, i: int, out: _Out) -> tuple[int, bool | None]:
-        """Take input from ``chunk[i:]``: (new i, True at the block's end / None if it does not check out).
-
-        Short of the block's end (or a problem) it takes all of ``chunk``.  The bytes are looked at in
-        windows that start at 64 KiB and double up to 4 MiB while the block goes on, so that an input
-        chunk holding many small tables is not scanned to its end once per table.
-        """
-        end = len(chunk)
-        while i < end:
-            if self.need:
-                take = min(self.need, end - i)
-                self._add(out, chunk[i:i + take])
-                self.need -= take
-                self.consumed += take
-                i += take
-                continue
-            base = len(self.carry)
-            stop = min(end, i + max(self.window - base, 1 + self.int_size))
-            piece = chunk if i == 0 and stop == end else chunk[i:stop]
-            buf = self.carry + piece if base else piece
-            try:
-                found = _chain(buf, self.int_size, self.scratch)
-            except Exception as exc:  # a bug here must not fail a restore
-                log.debug("re-chunking stopped: %r", exc)
-                found = None
-            if found is None:
-                return i, None
-            self._add(out, found.payload)
-            self.rows += found.rows
-            self.consumed += found.used - base
-            self.need, self.carry = found.need, found.carry
-            i += found.used - base
-            if found.ended:
-                self._flush(out)
-                self._emit(out, bytes(1 + self.int_size))
-                return i, True
-            self.window = min(2 * self.window, _WINDOW_MAX)
-        return i, False
-
-
 class OffsetRecorder:
     """Feed it the archive bytes in order (``feed``); ``patches()`` then lists the offsets to write.
 
-    ``feed`` returns the bytes to write: the same bytes, or with ``rechunk`` the archive with its
-    uncompressed table data re-chunked (then write ``finish()`` after the last chunk); positions are
-    those of the bytes returned.  Memory stays constant: only fields of a few bytes (and tags up to
-    1 KiB) are buffered, and when re-chunking less than one chunk of payload plus one input chunk.
-    ``feed`` never raises: a problem stops the recording (the rest passes unchanged) and is kept in
-    ``problem``.
+    Memory stays constant: only fields of a few bytes (and tags up to 1 KiB) are buffered.  ``feed``
+    never raises: a problem stops the recording and is kept in ``problem``.
     """
 
-    def __init__(self, rechunk: bool = False, drop_table_data: bool = False) -> None:
-        assert not (rechunk and drop_table_data), "one mode at a time"
-        self.rechunk = rechunk
+    def __init__(self, drop_table_data: bool = False) -> None:
         self.drop_table_data = drop_table_data
         self.dropped: list[tuple[int, int]] = []  # stream ranges [start, end) of the TABLE DATA blocks, in order
         self.drop_from: int | None = None  # start of the TABLE DATA block being read
@@ -319,14 +106,6 @@ class OffsetRecorder:
         self.problem: str | None = None
         self.toc_end: int | None = None  # position after the table of contents, once read
         self.size = 0  # bytes fed
-        self.out_size = 0  # bytes returned
-        self.rechunked = 0  # data blocks re-chunked to their end
-        self.unchanged = 0  # data blocks where re-chunking stopped (written as they came from there on)
-        self.rows_in = 0  # chunks (rows) removed by re-chunking
-        self.chunks_out = 0  # chunks written in their place
-        self._shift = 0  # out_size - size, from re-chunked blocks so far
-        self._rw: _Rechunker | None = None
-        self._emit_from = 0  # start of the current chunk's bytes not yet returned
         self._pos = 0  # position after the bytes of the request just served (read by the parser)
         self._buf = bytearray()  # a READ request's bytes so far
         self._left = 0  # a SKIP request's bytes still to skip
@@ -337,52 +116,16 @@ class OffsetRecorder:
         self._start_request()
 
     # --- feeding -----------------------------------------------------------------------
-    def feed(self, chunk: bytes) -> bytes:
-        """Take the next bytes of the archive; return the bytes to write for them."""
+    def feed(self, chunk: bytes) -> None:
         if self._gen is None:
             self.size += len(chunk)
-            self.out_size += len(chunk)
-            return chunk
-        out: _Out = []
-        self._emit_from = 0
+            return
         try:
-            self._feed(chunk, out)
+            self._feed(chunk)
         except _Unusable as exc:
-            self._abandon(out)
             self._stop(str(exc))
         except Exception as exc:  # a bug here must not fail a restore
-            self._abandon(out)
             self._stop(f"recorder error: {exc!r}")
-        if self._emit_from < len(chunk):
-            out.append(chunk[self._emit_from:] if self._emit_from else chunk)
-        result = chunk if len(out) == 1 and out[0] is chunk else b"".join(out)
-        self.out_size += len(result)
-        return result
-
-    def finish(self) -> bytes:
-        """Bytes still held back after the last ``feed`` (only if the stream ended inside a re-chunked block)."""
-        out: _Out = []
-        self._abandon(out)
-        result = b"".join(out)
-        self.out_size += len(result)
-        return result
-
-    def _abandon(self, out: _Out) -> None:
-        if self._rw is not None:
-            self._rw.abandon(out)
-            self._end_rechunk(done=False)
-
-    def _end_rechunk(self, done: bool) -> None:
-        rw = self._rw
-        assert rw is not None
-        self._shift += rw.written - rw.consumed
-        self.rows_in += rw.rows
-        self.chunks_out += rw.chunks
-        if done:
-            self.rechunked += 1
-        else:
-            self.unchanged += 1
-        self._rw = None
 
     def _stop(self, problem: str) -> None:
         if self.problem is None:
@@ -403,7 +146,7 @@ class OffsetRecorder:
         self._req = self._gen.send(value)
         self._start_request()
 
-    def _feed(self, chunk: bytes, out: _Out) -> None:
+    def _feed(self, chunk: bytes) -> None:
         base = self.size
         self.size += len(chunk)
         end = len(chunk)
@@ -434,23 +177,6 @@ class OffsetRecorder:
                     self._buf.clear()
                 self._pos = base + i
                 self._resume(value)
-            elif kind == _RECHUNK:
-                if i > self._emit_from:
-                    out.append(chunk[self._emit_from:i])
-                assert self._rw is not None
-                i, state = self._rw.feed(chunk, i, out)
-                self._emit_from = i
-                if state is None:  # does not check out: the rest of the block goes as it came
-                    carry = self._rw.abandon(out)
-                    self._end_rechunk(done=False)
-                    self._req = (_SCAN, n)
-                    self._zrun = len(carry) - len(carry.rstrip(b"\0"))  # the end marker may begin in it
-                elif state:
-                    self._end_rechunk(done=True)
-                    self._pos = base + i
-                    self._resume(None)
-                else:
-                    return
             else:  # _SCAN for n zero bytes
                 zeros = bytes(n)
                 if self._zrun:  # a run that began in an earlier chunk
@@ -573,15 +299,12 @@ class OffsetRecorder:
             entry = self.entries.get(dump_id)
             if block[1] != 0 or entry is None or entry.flag == K_OFFSET_NO_DATA or dump_id in self.blocks:
                 raise _Unusable(f"unexpected block header {block.hex()} at {start}")
-            self.blocks[dump_id] = start + self._shift  # the position in the bytes returned
+            self.blocks[dump_id] = start
             drop = self.drop_table_data and kind == BLK_DATA and entry.desc == "TABLE DATA"
             if drop:
                 self.drop_from = start
             if kind == BLK_DATA:
-                if fast and self.rechunk and entry.desc == "TABLE DATA":
-                    self._rw = _Rechunker(self.int_size)
-                    yield (_RECHUNK, 1 + self.int_size)
-                elif fast:
+                if fast:
                     yield (_SCAN, 1 + self.int_size)
                 else:
                     yield from self._chunks()
@@ -629,8 +352,7 @@ class OffsetRecorder:
         return out
 
     def written_size(self) -> int:
-        """Bytes of the archive as written: returned by ``feed`` (and ``finish``), less the dropped blocks."""
-        return self.out_size - sum(end - start for start, end in self.dropped)
+        return self.size - sum(end - start for start, end in self.dropped)
 
 
 class ArchiveWriter:
@@ -682,18 +404,6 @@ class ArchiveWriter:
         self._write_kept(memoryview(self._carry))
         self._done += len(self._carry)
         self._carry = b""
-
-
-def coalesce(chunks: Iterable[bytes], recorder: OffsetRecorder) -> Iterator[bytes]:
-    """``chunks`` of an archive with its uncompressed TABLE DATA re-chunked by ``recorder`` (``rechunk=True``),
-    which afterwards holds the counts (``rechunked``, ``rows_in``, ``chunks_out``)."""
-    for chunk in chunks:
-        out = recorder.feed(chunk)
-        if out:
-            yield out
-    tail = recorder.finish()
-    if tail:
-        yield tail
 
 
 def patch_offsets(fd: int, recorder: OffsetRecorder) -> int:

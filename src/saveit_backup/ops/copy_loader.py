@@ -24,6 +24,7 @@ import fcntl
 import logging
 import queue
 import re
+import shutil
 import subprocess
 import threading
 from collections import deque
@@ -220,6 +221,9 @@ class CopyText:
     listed entries must be in the archive's order."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], from_stdin: bool = False) -> None:
+        stdbuf = shutil.which("stdbuf") if from_stdin else None
+        if stdbuf:  # pg_restore reads stdin through stdio's 4 KiB buffer: 1 MiB instead, 250 times fewer read calls
+            cmd = [stdbuf, "-i1M", *cmd]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if from_stdin else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         for pipe in (self.proc.stdin, self.proc.stdout):

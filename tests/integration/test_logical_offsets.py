@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
 
 from saveit_backup import sample
+from saveit_backup.pg.cluster import Cluster
 from saveit_backup.pg.custom_archive import K_OFFSET_NO_DATA, K_OFFSET_POS_SET, OffsetRecorder, patch_offsets
 from tests.fixtures.pg import Database, cli_for, new_database
 
@@ -112,3 +114,24 @@ def test_parallel_restore_of_awkward_rows(runbook_db: Database, repo_dir: Path) 
             query = f"SELECT md5(string_agg(x::text, ',' ORDER BY x::text)), count(*) FROM {table} x"
             assert dst.execute(query).fetchone() == src.execute(query).fetchone(), table
         assert dst.execute("SELECT count(DISTINCT xmin::text) FROM tiny_rows").fetchone() == (3,)
+
+
+def test_parallel_restore_of_a_latin1_database(pg_cluster: Cluster, repo_dir: Path) -> None:
+    """Names outside UTF-8 reach the server as the archive's bytes (pg_restore's listing and COPY lines)."""
+    def latin1(prefix: str) -> Database:
+        db = Database(pg_cluster, f"{prefix}_{uuid.uuid4().hex[:8]}")
+        pg_cluster.psql(f"CREATE DATABASE {db.name} ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'")
+        return db
+
+    source = latin1("latin")
+    with source.connect() as conn:
+        conn.execute('CREATE TABLE "café" (id int PRIMARY KEY, note text)')
+        conn.execute("""INSERT INTO "café" SELECT i, 'crème brûlée ' || i FROM generate_series(1, 100000) i""")
+    cli = cli_for(source, f"file://{repo_dir}")
+    bid = json.loads(cli("--json", "backup").stdout)["id"]
+    target = latin1("latin_copy")
+    res = cli("restore", bid, "--target-db", target.dsn, "--jobs", "2")
+    assert "all equal (1 tables)" in res.stdout and "decode and table data over 2 connections" in res.stderr
+    query = """SELECT md5(string_agg(note, ',' ORDER BY id)), count(*) FROM "café\""""
+    with source.connect() as src, target.connect() as dst:
+        assert dst.execute(query).fetchone() == src.execute(query).fetchone()

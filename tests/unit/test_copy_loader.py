@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -40,9 +41,9 @@ class FakeCursor:
         self.conn = conn
         self.rowcount = -1
 
-    def copy(self, sql: str) -> FakeCopy:
-        self.conn.copies.append(sql)
-        return FakeCopy(self.conn, sql, self)
+    def copy(self, sql: bytes) -> FakeCopy:
+        self.conn.copies.append(sql.decode("latin-1"))
+        return FakeCopy(self.conn, sql.decode("latin-1"), self)
 
 
 class FakeConn:
@@ -52,8 +53,8 @@ class FakeConn:
         self.blocks: list[tuple[str, bytes]] = []
         self.fail_on = fail_on
 
-    def execute(self, sql: str) -> None:
-        self.statements.append(sql)
+    def execute(self, sql: bytes) -> None:  # the loader passes the archive's bytes
+        self.statements.append(sql.decode("latin-1"))
 
     def cursor(self) -> FakeCursor:
         return FakeCursor(self)
@@ -116,3 +117,67 @@ def test_pg_restore_failure_reports_its_error_line() -> None:
     assert echo.feed(b"set a = 1;\n") and echo.feed(b"set b = 2;\n")
     echo.end_input()
     assert b"".join(echo.chunks()) == b"SET A = 1;\nSET B = 2;\n"
+
+
+class AbortRaisingCopy(FakeCopy):
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:  # aborting fails on its own: a server error already pending, a lost connection
+            raise OSError("server closed the connection unexpectedly")
+        super().__exit__(*exc)
+
+
+class AbortRaisingCursor(FakeCursor):
+    def copy(self, sql: bytes) -> FakeCopy:
+        super().copy(sql)
+        return AbortRaisingCopy(self.conn, sql.decode("latin-1"), self)
+
+
+class AbortRaises(FakeConn):
+    def cursor(self) -> FakeCursor:
+        return AbortRaisingCursor(self)
+
+
+def test_source_failing_inside_a_table_ends_every_writer_even_when_the_abort_raises() -> None:
+    def source() -> Iterator[bytes]:
+        yield PREAMBLE + b"--\n-- Data for Name: t; Type: TABLE DATA; Schema: public; Owner: postgres\n--\n\n"
+        yield b"COPY public.t (a, b) FROM stdin;\n" + b"".join(rows("r", 400))
+        raise RuntimeError("decode failed")
+
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            load_copy_stream(source(), [AbortRaises(), AbortRaises()], block_bytes=256)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "load_copy_stream hung"
+    assert len(outcome) == 1 and str(outcome[0]) == "decode failed"
+
+
+def test_a_failing_block_stops_reading_before_the_tables_end() -> None:
+    consumed = 0
+
+    def source() -> Iterator[bytes]:
+        nonlocal consumed
+        for chunk in chunked(PREAMBLE + table("public", "t", [b"x\tbad\n"] + rows("later", 20000)), 64):
+            consumed += len(chunk)
+            yield chunk
+
+    with pytest.raises(PgToolError, match="COPY failed"):
+        load_copy_stream(source(), [FakeConn(fail_on=b"x\tbad"), FakeConn()], block_bytes=64)
+    assert consumed < 20000  # of about 280 kB
+
+
+def test_names_outside_utf8_pass_as_the_archives_bytes() -> None:
+    name = "café".encode("latin-1")  # a LATIN1 database's table: pg_restore prints the name in that encoding
+    stream = (PREAMBLE.replace(b"UTF8", b"LATIN1")
+              + b"--\n-- Data for Name: " + name + b"; Type: TABLE DATA; Schema: public; Owner: x\n--\n\n"
+              + b"COPY public." + name + b" (a) FROM stdin;\n1\n2\n\\.\n")
+    conn = FakeConn()
+    counts = load_copy_stream([stream], [conn])
+    assert conn.copies == ["COPY public.café (a) FROM stdin;"] and conn.statements[0] == "SET client_encoding = 'LATIN1';"
+    assert list(counts.values()) == [2]  # keyed by a lossy name: the manifest's check counts such a table itself

@@ -39,15 +39,15 @@ log = logging.getLogger(__name__)
 BLOCK_BYTES = 1 << 20
 QUEUE_DEPTH = 4  # blocks queued per writer: memory stays under N * (QUEUE_DEPTH + 2) MiB
 _END = b"\\.\n"
-_COPY_LINE = re.compile(r"COPY .+ FROM stdin;")
-_DATA_COMMENT = re.compile(r"-- Data for Name: (.*); Type: TABLE DATA; Schema: (.*); Owner: ")
+_COPY_LINE = re.compile(rb"COPY .+ FROM stdin;")
+_DATA_COMMENT = re.compile(rb"-- Data for Name: (.*); Type: TABLE DATA; Schema: (.*); Owner: ")
 
 
 @dataclass
 class _Copy:
     """One table's COPY as every writer runs it; writers report (rows, error) on ``done``."""
 
-    sql: str
+    sql: bytes
     key: tuple[str, str]
     done: queue.Queue[tuple[int, BaseException | None]] = field(default_factory=queue.Queue)
 
@@ -56,16 +56,22 @@ class _Stopped(Exception):
     """The dispatcher gave up: leave any COPY under way (psycopg aborts it) and end the thread."""
 
 
+class _WriterFailed(Exception):
+    """A writer reported an error: stop dispatching (``load_copy_stream`` raises the error)."""
+
+
 class _Writer:
     """A connection and the thread that feeds it: SQL strings and ``_Copy`` jobs, each job's data blocks
-    following it until ``None``; ``_STOP`` ends the thread, aborting a COPY under way.  After an error the
-    writer keeps consuming its queue, so the dispatcher never blocks on it, and reports the error for every
-    job."""
+    following it until ``None``; ``_STOP`` ends the thread, aborting a COPY under way (whatever the abort
+    raises).  After an error the writer keeps consuming its queue, so the dispatcher never blocks on it, and
+    reports the error for every job.  SQL is bytes in the archive's encoding, which pg_restore's own
+    ``SET client_encoding`` makes the session's."""
 
     def __init__(self, conn: Any, index: int) -> None:
         self.conn = conn
         self.inbox: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
         self.error: BaseException | None = None
+        self.stopped = False
         self.thread = threading.Thread(target=self._run, name=f"copy-{index}", daemon=True)
         self.thread.start()
 
@@ -73,7 +79,7 @@ class _Writer:
         try:
             while True:
                 item = self._next()
-                if isinstance(item, str):
+                if isinstance(item, bytes):
                     if self.error is None:
                         try:
                             self.conn.execute(item)
@@ -88,6 +94,7 @@ class _Writer:
     def _next(self) -> object:
         item = self.inbox.get()
         if item is _STOP:
+            self.stopped = True
             raise _Stopped
         return item
 
@@ -104,6 +111,8 @@ class _Writer:
             except _Stopped:
                 raise
             except Exception as exc:
+                if self.stopped:  # the abort raised an error of its own (the server's, a lost connection)
+                    raise _Stopped from exc
                 self.error = exc
         while not ended:  # this job's blocks, through its None
             ended = self._next() is None
@@ -120,6 +129,8 @@ def load_copy_stream(chunks: Iterable[bytes], connections: list[Any], block_byte
     source = iter(chunks)
     try:
         _dispatch(source, writers, counts, block_bytes)
+    except _WriterFailed:
+        pass
     finally:
         close = getattr(source, "close", None)
         if close is not None:
@@ -136,7 +147,7 @@ def load_copy_stream(chunks: Iterable[bytes], connections: list[Any], block_byte
 
 def _dispatch(chunks: Iterator[bytes], writers: list[_Writer], counts: dict[tuple[str, str], int], block_bytes: int) -> None:
     pending = bytearray()
-    statement: list[str] = []
+    statement: list[bytes] = []
     key = ("", "")
     turn = 0
 
@@ -156,11 +167,12 @@ def _dispatch(chunks: Iterator[bytes], writers: list[_Writer], counts: dict[tupl
             if pending.strip() or statement:
                 raise PgToolError("pg_restore output ended inside a statement")
             return
-        line = pending[:nl].decode()
+        line = bytes(pending[:nl])
         del pending[:nl + 1]
-        if m := _DATA_COMMENT.match(line):
-            key = (m.group(2) if m.group(2) != "-" else "", m.group(1))
-        if not statement and (not line.strip() or line.startswith("--") or line.startswith("\\")):
+        if m := _DATA_COMMENT.match(line):  # the key only matches the manifest's names; an odd one is counted later
+            schema, name = (g.decode("utf-8", "replace") for g in m.group(2, 1))
+            key = (schema if schema != "-" else "", name)
+        if not statement and (not line.strip() or line.startswith(b"--") or line.startswith(b"\\")):
             continue
         if not statement and _COPY_LINE.fullmatch(line):
             job = _Copy(line, key)
@@ -171,12 +183,12 @@ def _dispatch(chunks: Iterator[bytes], writers: list[_Writer], counts: dict[tupl
                 w.inbox.put(None)
             results = [job.done.get() for _ in writers]
             if any(err is not None for _, err in results):
-                return  # load_copy_stream raises the writer's error
+                raise _WriterFailed
             counts[key] = counts.get(key, 0) + sum(rows for rows, _ in results)
             continue
         statement.append(line)
-        if line.rstrip().endswith(";"):
-            sql = "\n".join(statement)
+        if line.rstrip().endswith(b";"):
+            sql = b"\n".join(statement)
             statement.clear()
             for w in writers:
                 w.inbox.put(sql)
@@ -188,6 +200,8 @@ def _copy_blocks(pending: bytearray, more: Callable[[], bool], writers: list[_Wr
     in ``pending``; return the next writer's turn."""
     scanned = 0  # pending[:scanned] holds no end line
     while True:
+        if any(w.error is not None for w in writers):  # stop reading at once, not at the table's end
+            raise _WriterFailed
         if pending.startswith(_END):  # pending always starts at a line start
             del pending[:len(_END)]
             return turn

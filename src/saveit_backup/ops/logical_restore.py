@@ -236,7 +236,7 @@ def _pg_restore(ctx: Context, manifest: Manifest, entry: Any, req: RestoreReques
     return {}
 
 
-_TABLE_DATA_ITEM = re.compile(r"\d+; \d+ \d+ TABLE DATA ")
+_TABLE_DATA_ITEM = re.compile(rb"\d+; \d+ \d+ TABLE DATA ")
 
 
 def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str], chunks: Iterator[bytes],
@@ -277,20 +277,36 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
                 except ValueError as exc:
                     raise IntegrityError(f"{exc}; restore with --jobs 1") from None
 
-            head: list[bytes] = []  # the chunks through the table of contents (or the recorder's failure: then nothing is dropped)
+            head: list[bytes] = []  # the chunks through the table of contents
             for chunk in chunks:
                 write(chunk)
                 head.append(chunk)
                 if offsets.toc_end is not None or offsets.problem is not None:
                     break
+            if offsets.toc_end is None:  # not an archive the recorder follows: all of it to the file, plain pg_restore -j
+                log.info("restoring with pg_restore -j%d alone: %s", jobs, offsets.problem or "no table of contents")
+                head.clear()
+                for chunk in chunks:
+                    write(chunk)
+                archive.finish()
+                out.flush()
+                _run(args + ["-j", str(jobs), str(path)], env, None)
+                return {}
             out.flush()
             others, table_data = _section_lists(pg_restore, selection, path, env)
             phase("table of contents")
             _run(args + ["-L", str(others), "--section=pre-data", str(path)], env, None)
             phase("pre-data")
             if table_data.stat().st_size:
+                connections: list[Any] = []
+                try:
+                    for _ in range(jobs):
+                        connections.append(connect(target))
+                except BaseException:
+                    for conn in connections:
+                        conn.close()
+                    raise
                 text = CopyText([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"], env, from_stdin=True)
-                connections = [connect(target) for _ in range(jobs)]
                 failure: list[BaseException] = []
 
                 def load() -> None:
@@ -305,7 +321,11 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
                     feeding = text.feed(b"".join(head))
                     for chunk in chunks:
                         write(chunk)
-                        feeding = feeding and text.feed(chunk)
+                        if feeding and not text.feed(chunk):  # pg_restore stopped reading: done, failed or stopped
+                            feeding = False
+                            loader.join()
+                        if failure:
+                            break  # raised below, without decoding the rest
                 except BaseException:
                     text.kill()
                     raise
@@ -336,14 +356,15 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
 def _section_lists(pg_restore: str, selection: list[str], path: Path, env: dict[str, str]) -> tuple[Path, Path]:
     """(every selected item but TABLE DATA, the selected TABLE DATA items) as ``pg_restore -L`` lists, in the
     archive's order, next to ``path``; read from its table of contents."""
-    listing = subprocess.run([pg_restore, "-l", *selection, str(path)], capture_output=True, text=True, env=env, check=False)
+    listing = subprocess.run([pg_restore, "-l", *selection, str(path)], capture_output=True, env=env, check=False)
     if listing.returncode != 0:
-        raise PgToolError(f"pg_restore -l failed: {(listing.stderr.strip().splitlines() or ['?'])[-1]}")
-    items = [ln for ln in listing.stdout.splitlines() if ln.strip() and not ln.startswith(";")]
+        raise PgToolError(f"pg_restore -l failed: {(listing.stderr.decode(errors='replace').strip().splitlines() or ['?'])[-1]}")
+    # bytes: names are in the archive's encoding
+    items = [ln for ln in listing.stdout.splitlines() if ln.strip() and not ln.startswith(b";")]
     others = path.with_name("others.list")
-    others.write_text("".join((";" + ln if _TABLE_DATA_ITEM.match(ln) else ln) + "\n" for ln in items))
+    others.write_bytes(b"".join((b";" + ln if _TABLE_DATA_ITEM.match(ln) else ln) + b"\n" for ln in items))
     table_data = path.with_name("table-data.list")
-    table_data.write_text("".join(ln + "\n" for ln in items if _TABLE_DATA_ITEM.match(ln)))
+    table_data.write_bytes(b"".join(ln + b"\n" for ln in items if _TABLE_DATA_ITEM.match(ln)))
     return others, table_data
 
 

@@ -112,8 +112,10 @@ def test_output_that_stops_early_is_an_error(cut: bytes) -> None:
 def test_pg_restore_failure_reports_its_error_line() -> None:
     script = "printf 'SET a = 1;\\n'; echo 'pg_restore: error: could not read from input file: end of file' >&2; exit 1"
     with pytest.raises(PgToolError, match=r"pg_restore failed: pg_restore: error: could not read from input file: end of file \(hint"):
-        b"".join(CopyText(["sh", "-c", script], {}).chunks())
-    echo = CopyText([sys.executable, "-c", "import sys; sys.stdout.write(sys.stdin.read().upper())"], {}, from_stdin=True)
+        failing = CopyText(["sh", "-c", script], {})
+        failing.end_input()
+        b"".join(failing.chunks())
+    echo = CopyText([sys.executable, "-c", "import sys; sys.stdout.write(sys.stdin.read().upper())"], {})
     assert echo.feed(b"set a = 1;\n") and echo.feed(b"set b = 2;\n")
     echo.end_input()
     assert b"".join(echo.chunks()) == b"SET A = 1;\nSET B = 2;\n"

@@ -230,22 +230,21 @@ def _first_line(exc: BaseException) -> str:
 
 class CopyText:
     """``pg_restore --data-only -f -`` as the source of COPY text: ``chunks()`` yields its output and, at its
-    end, raises pg_restore's error line if it failed.  With ``from_stdin`` the archive is given with ``feed``
-    (in order, from its first byte) and ``end_input``; pg_restore then reads it once, front to back, so the
-    listed entries must be in the archive's order."""
+    end, raises pg_restore's error line if it failed.  The archive is given on stdin with ``feed`` (in order,
+    from its first byte) and ``end_input``; pg_restore reads it once, front to back, so the listed entries
+    must be in the archive's order."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], from_stdin: bool = False) -> None:
-        stdbuf = shutil.which("stdbuf") if from_stdin else None
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        stdbuf = shutil.which("stdbuf")
         if stdbuf:  # pg_restore reads stdin through stdio's 4 KiB buffer: 1 MiB instead, 250 times fewer read calls
             cmd = [stdbuf, "-i1M", *cmd]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if from_stdin else subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:  # 1 MiB pipes: 16 times fewer wake-ups than the default 64 KiB
-                try:
-                    fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, BLOCK_BYTES)
-                except OSError:
-                    pass
+            try:  # 1 MiB pipes: 16 times fewer wake-ups than the default 64 KiB
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, BLOCK_BYTES)  # type: ignore[union-attr]
+            except OSError:
+                pass
         self.tail: deque[str] = deque(maxlen=50)
         self.reader = threading.Thread(target=self._read_stderr, daemon=True)
         self.reader.start()

@@ -298,44 +298,8 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
             _run(args + ["-L", str(others), "--section=pre-data", str(path)], env, None)
             phase("pre-data")
             if table_data.stat().st_size:
-                connections: list[Any] = []
-                try:
-                    for _ in range(jobs):
-                        connections.append(connect(target))
-                except BaseException:
-                    for conn in connections:
-                        conn.close()
-                    raise
-                text = CopyText([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"], env, from_stdin=True)
-                failure: list[BaseException] = []
-
-                def load() -> None:
-                    try:
-                        counts.update(load_copy_stream(text.chunks(), connections))
-                    except BaseException as exc:
-                        failure.append(exc)
-
-                loader = threading.Thread(target=load, name="copy-load", daemon=True)
-                loader.start()
-                try:
-                    feeding = text.feed(b"".join(head))
-                    for chunk in chunks:
-                        write(chunk)
-                        if feeding and not text.feed(chunk):  # pg_restore stopped reading: done, failed or stopped
-                            feeding = False
-                            loader.join()
-                        if failure:
-                            break  # raised below, without decoding the rest
-                except BaseException:
-                    text.kill()
-                    raise
-                finally:
-                    text.end_input()
-                    loader.join()
-                    for conn in connections:
-                        conn.close()
-                if failure:
-                    raise failure[0]
+                counts = _load_table_data([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"], env, target, jobs,
+                                          head, chunks, write)
                 phase(f"decode and table data over {jobs} connections")
             for chunk in chunks:
                 write(chunk)
@@ -351,6 +315,53 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
     log.info("restore phases: %s (%d bytes, %d of them TABLE DATA loaded by COPY)", ", ".join(phases), offsets.size,
              offsets.size - offsets.written_size())
     return dict(counts)
+
+
+def _load_table_data(cmd: list[str], env: dict[str, str], target: str, jobs: int, head: list[bytes],
+                     chunks: Iterator[bytes], write: Callable[[bytes], None]) -> dict[tuple[str, str], int]:
+    """Feed ``head`` and then the rest of ``chunks`` (each also passed to ``write``) to the pg_restore of ``cmd``
+    while ``load_copy_stream`` loads its COPY text over ``jobs`` connections to ``target``; return its counts.
+    A failure stops the decode at once and is raised."""
+    connections: list[Any] = []
+    try:
+        for _ in range(jobs):
+            connections.append(connect(target))
+    except BaseException:
+        for conn in connections:
+            conn.close()
+        raise
+    text = CopyText(cmd, env)
+    counts: dict[tuple[str, str], int] = {}
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            counts.update(load_copy_stream(text.chunks(), connections))
+        except BaseException as exc:
+            failure.append(exc)
+
+    loader = threading.Thread(target=load, name="copy-load", daemon=True)
+    loader.start()
+    try:
+        feeding = text.feed(b"".join(head))
+        for chunk in chunks:
+            write(chunk)
+            if feeding and not text.feed(chunk):  # pg_restore stopped reading: done, failed or stopped
+                feeding = False
+                loader.join()
+            if failure:
+                break  # raised below, without decoding the rest
+    except BaseException:
+        text.kill()
+        raise
+    finally:
+        text.end_input()
+        loader.join()
+        for conn in connections:
+            conn.close()
+    if failure:
+        raise failure[0]
+    return counts
 
 
 def _section_lists(pg_restore: str, selection: list[str], path: Path, env: dict[str, str]) -> tuple[Path, Path]:

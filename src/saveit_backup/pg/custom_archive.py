@@ -336,14 +336,12 @@ class OffsetRecorder:
         if self.problem is not None:
             return []
         out = []
-        dropped = {start for start, _ in self.dropped}
+        dropped = dict(self.dropped)  # start -> end
         removed = 0  # bytes dropped before the block at hand (blocks are in stream order)
-        ranges = iter(self.dropped)
         for dump_id, start in self.blocks.items():
             entry = self.entries[dump_id]
             if start in dropped:
-                begin, end = next(ranges)
-                removed += end - begin
+                removed += dropped[start] - start
                 out.append(Patch(dump_id, entry.field_pos, 0, K_OFFSET_NO_DATA))
             elif start - removed >= 1 << (8 * self.off_size):
                 continue

@@ -20,13 +20,18 @@ Contract:
 
 from __future__ import annotations
 
+import array
 import fcntl
 import logging
+import os
 import queue
 import re
+import select
 import shutil
 import subprocess
+import termios
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +42,8 @@ from saveit_backup.errors import PgToolError
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 1 << 20
+BATCH_BYTES = 256 << 10  # read pg_restore's output once this much waits in the pipe (or at its end)
+BATCH_WAIT = 0.001
 QUEUE_DEPTH = 4  # blocks queued per writer: memory stays under N * (QUEUE_DEPTH + 2) MiB
 _END = b"\\.\n"
 _COPY_LINE = re.compile(rb"COPY .+ FROM stdin;")
@@ -122,13 +129,15 @@ class _Writer:
 _STOP = object()
 
 
-def load_copy_stream(chunks: Iterable[bytes], connections: list[Any], block_bytes: int = BLOCK_BYTES) -> dict[tuple[str, str], int]:
-    """Run pg_restore's plain-SQL output (``chunks``) over ``connections``; return rows per table."""
+def load_copy_stream(chunks: Iterable[bytes], connections: list[Any], block_bytes: int = BLOCK_BYTES,
+                     on_table: Callable[[tuple[str, str]], None] | None = None) -> dict[tuple[str, str], int]:
+    """Run pg_restore's plain-SQL output (``chunks``) over ``connections``; return rows per table.
+    ``on_table(key)`` is called once a table's COPY committed on every connection."""
     writers = [_Writer(conn, i) for i, conn in enumerate(connections)]
     counts: dict[tuple[str, str], int] = {}
     source = iter(chunks)
     try:
-        _dispatch(source, writers, counts, block_bytes)
+        _dispatch(source, writers, counts, block_bytes, on_table)
     except _WriterFailed:
         pass
     finally:
@@ -145,7 +154,8 @@ def load_copy_stream(chunks: Iterable[bytes], connections: list[Any], block_byte
     return counts
 
 
-def _dispatch(chunks: Iterator[bytes], writers: list[_Writer], counts: dict[tuple[str, str], int], block_bytes: int) -> None:
+def _dispatch(chunks: Iterator[bytes], writers: list[_Writer], counts: dict[tuple[str, str], int], block_bytes: int,
+              on_table: Callable[[tuple[str, str]], None] | None) -> None:
     pending = bytearray()
     statement: list[bytes] = []
     key = ("", "")
@@ -185,6 +195,8 @@ def _dispatch(chunks: Iterator[bytes], writers: list[_Writer], counts: dict[tupl
             if any(err is not None for _, err in results):
                 raise _WriterFailed
             counts[key] = counts.get(key, 0) + sum(rows for rows, _ in results)
+            if on_table is not None:
+                on_table(key)
             continue
         statement.append(line)
         if line.rstrip().endswith(b";"):
@@ -221,6 +233,24 @@ def _copy_blocks(pending: bytearray, more: Callable[[], bool], writers: list[_Wr
             scanned = max(0, scanned - (cut + 1))
         elif not more():
             raise PgToolError("pg_restore output ended inside COPY data")
+
+
+def _read_batched(fd: int) -> bytes:
+    """Up to ``BLOCK_BYTES`` from the pipe ``fd``, waiting (in steps of ``BATCH_WAIT`` seconds) until at least
+    ``BATCH_BYTES`` are there or the writer is gone; b"" at the end.  pg_restore writes its output in 4 KiB
+    pieces: a blocking read would wake up for each of them (about 90,000 reads, and as many GIL hand-offs,
+    per GB)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    available = array.array("i", [0])
+    while True:
+        events = poller.poll(0)
+        if events and events[0][1] & (select.POLLHUP | select.POLLERR):
+            return os.read(fd, BLOCK_BYTES)  # the writer closed: what is left, then b""
+        fcntl.ioctl(fd, termios.FIONREAD, available)
+        if available[0] >= BATCH_BYTES:
+            return os.read(fd, BLOCK_BYTES)
+        time.sleep(BATCH_WAIT)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -277,7 +307,7 @@ class CopyText:
         assert self.proc.stdout is not None
         at_end = False
         try:
-            while chunk := self.proc.stdout.read(BLOCK_BYTES):
+            while chunk := _read_batched(self.proc.stdout.fileno()):
                 yield chunk
             at_end = True
         finally:

@@ -23,6 +23,7 @@ from saveit_backup.compose import Context
 from saveit_backup.domain.manifest import Manifest
 from saveit_backup.errors import BackupNotFound, ConfigError, IntegrityError, PgToolError, RestoreMismatch, RestoreRefused
 from saveit_backup.ops.copy_loader import CopyText, load_copy_stream
+from saveit_backup.ops.early_post_data import EarlyPostData
 from saveit_backup.ops.logical import (
     GLOBALS_OBJECT,
     RestoreReport,
@@ -293,14 +294,22 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
                 _run(args + ["-j", str(jobs), str(path)], env, None)
                 return {}
             out.flush()
-            others, table_data = _section_lists(pg_restore, selection, path, env)
+            others, table_data, listing = _section_lists(pg_restore, selection, path, env)
             phase("table of contents")
             _run(args + ["-L", str(others), "--section=pre-data", str(path)], env, None)
             phase("pre-data")
             if table_data.stat().st_size:
-                counts = _load_table_data([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"], env, target, jobs,
-                                          head, chunks, write)
-                phase(f"decode and table data over {jobs} connections")
+                # a loaded table's own indexes are built while the next tables load (the file's TOC is complete)
+                early = EarlyPostData(offsets.entries, listing, Path(tmp),
+                                      lambda items: _run(args + ["-L", str(items), str(path)], env, None))
+                try:
+                    counts = _load_table_data([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"], env, target, jobs,
+                                              head, chunks, write, early.table_loaded)
+                finally:
+                    done = early.finish()  # before the TOC is patched under it
+                phase(f"decode and table data over {jobs} connections ({len(done)} post-data items during it)")
+                if done:
+                    others.write_bytes(b"".join((b";" if i in done else b"") + ln + b"\n" for i, ln in listing.items()))
             for chunk in chunks:
                 write(chunk)
             archive.finish()
@@ -318,7 +327,8 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
 
 
 def _load_table_data(cmd: list[str], env: dict[str, str], target: str, jobs: int, head: list[bytes],
-                     chunks: Iterator[bytes], write: Callable[[bytes], None]) -> dict[tuple[str, str], int]:
+                     chunks: Iterator[bytes], write: Callable[[bytes], None],
+                     on_table: Callable[[tuple[str, str]], None] | None = None) -> dict[tuple[str, str], int]:
     """Feed ``head`` and then the rest of ``chunks`` (each also passed to ``write``) to the pg_restore of ``cmd``
     while ``load_copy_stream`` loads its COPY text over ``jobs`` connections to ``target``; return its counts.
     A failure stops the decode at once and is raised."""
@@ -336,7 +346,7 @@ def _load_table_data(cmd: list[str], env: dict[str, str], target: str, jobs: int
 
     def load() -> None:
         try:
-            counts.update(load_copy_stream(text.chunks(), connections))
+            counts.update(load_copy_stream(text.chunks(), connections, on_table=on_table))
         except BaseException as exc:
             failure.append(exc)
 
@@ -364,19 +374,20 @@ def _load_table_data(cmd: list[str], env: dict[str, str], target: str, jobs: int
     return counts
 
 
-def _section_lists(pg_restore: str, selection: list[str], path: Path, env: dict[str, str]) -> tuple[Path, Path]:
+def _section_lists(pg_restore: str, selection: list[str], path: Path, env: dict[str, str]) -> tuple[Path, Path, dict[int, bytes]]:
     """(every selected item but TABLE DATA, the selected TABLE DATA items) as ``pg_restore -L`` lists, in the
-    archive's order, next to ``path``; read from its table of contents."""
+    archive's order, next to ``path``; read from its table of contents.  Also the first list's lines by dump ID."""
     listing = subprocess.run([pg_restore, "-l", *selection, str(path)], capture_output=True, env=env, check=False)
     if listing.returncode != 0:
         raise PgToolError(f"pg_restore -l failed: {(listing.stderr.decode(errors='replace').strip().splitlines() or ['?'])[-1]}")
     # bytes: names are in the archive's encoding
     items = [ln for ln in listing.stdout.splitlines() if ln.strip() and not ln.startswith(b";")]
     others = path.with_name("others.list")
-    others.write_bytes(b"".join((b";" + ln if _TABLE_DATA_ITEM.match(ln) else ln) + b"\n" for ln in items))
+    kept = {int(ln.split(b";", 1)[0]): ln for ln in items if not _TABLE_DATA_ITEM.match(ln)}
+    others.write_bytes(b"".join(ln + b"\n" for ln in kept.values()))
     table_data = path.with_name("table-data.list")
     table_data.write_bytes(b"".join(ln + b"\n" for ln in items if _TABLE_DATA_ITEM.match(ln)))
-    return others, table_data
+    return others, table_data, kept
 
 
 class EarlyCounts:

@@ -54,6 +54,7 @@ K_OFFSET_POS_NOT_SET = 1
 K_OFFSET_POS_SET = 2
 K_OFFSET_NO_DATA = 3
 COMPRESSION_NONE = 0
+SECTION_PRE_DATA, SECTION_DATA, SECTION_POST_DATA = 2, 3, 4
 _NAME_LIMIT = 1024  # tags and descs longer than this are skipped, not kept
 
 # Requests from the parser coroutine to the feeder: read N bytes (sent back), skip N bytes, or consume
@@ -76,6 +77,8 @@ class TocEntry:
     flag: int  # K_OFFSET_* as written
     offset: int  # as written (meaningful with K_OFFSET_POS_SET)
     namespace: str = ""  # the schema ("" for objects outside one)
+    section: int = 0  # SECTION_* (pre-data 2, data 3, post-data 4)
+    deps: tuple[int, ...] = ()  # dump IDs this entry depends on
 
 
 @dataclass(frozen=True)
@@ -265,7 +268,7 @@ class OffsetRecorder:
             yield from self._str()  # OID
             tag = yield from self._str(keep=True)
             desc = yield from self._str(keep=True)
-            yield from self._int()  # section
+            section = yield from self._int()
             for _ in range(3):  # defn, drop statement, copy statement
                 yield from self._str()
             namespace = yield from self._str(keep=True)
@@ -275,8 +278,10 @@ class OffsetRecorder:
                 yield from self._int()  # relkind
             yield from self._str()  # owner
             yield from self._str()  # with OIDs
-            while (yield from self._str()) is not None:  # dependencies
-                pass
+            deps: list[int] = []
+            while (dep := (yield from self._str(keep=True))) is not None:
+                if dep.isdigit():
+                    deps.append(int(dep))
             field_pos = self._pos
             raw = yield (_READ, 1 + self.off_size)
             assert raw is not None
@@ -285,7 +290,8 @@ class OffsetRecorder:
             if dump_id <= 0 or dump_id in self.entries:
                 raise _Unusable(f"bad or repeated dump ID {dump_id}")
             self.entries[dump_id] = TocEntry(dump_id, desc or "", tag or "", field_pos, raw[0],
-                                             int.from_bytes(raw[1:], "little"), namespace or "")
+                                             int.from_bytes(raw[1:], "little"), namespace or "",
+                                             section, tuple(deps))
 
         self.toc_end = self._pos
         fast = self.compression == COMPRESSION_NONE

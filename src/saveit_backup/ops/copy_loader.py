@@ -63,7 +63,7 @@ class _Stopped(Exception):
     """The dispatcher gave up: leave any COPY under way (psycopg aborts it) and end the thread."""
 
 
-class _WriterFailed(Exception):
+class WriterFailed(Exception):
     """A writer reported an error: stop dispatching (``load_copy_stream`` raises the error)."""
 
 
@@ -129,37 +129,93 @@ class _Writer:
 _STOP = object()
 
 
+class CopyLoader:
+    """The push side: ``sql`` for every connection, then per table ``begin``, ``rows`` (blocks that end at
+    line ends, handed to the writers in turn) and ``end``; ``close`` stops the writers and raises the first
+    failure.  ``rows`` and ``end`` raise ``WriterFailed`` as soon as a writer failed (``close`` says why).
+    ``on_table(key)`` is called once a table's COPY committed on every connection."""
+
+    def __init__(self, connections: list[Any], on_table: Callable[[tuple[str, str]], None] | None = None) -> None:
+        self.writers = [_Writer(conn, i) for i, conn in enumerate(connections)]
+        self.on_table = on_table
+        self.counts: dict[tuple[str, str], int] = {}
+        self.turn = 0
+        self.job: _Copy | None = None
+
+    def sql(self, statement: bytes) -> None:
+        for w in self.writers:
+            w.inbox.put(statement)
+
+    def begin(self, copy_sql: bytes, key: tuple[str, str]) -> None:
+        self.job = _Copy(copy_sql, key)
+        for w in self.writers:
+            w.inbox.put(self.job)
+
+    def rows(self, block: bytes | bytearray) -> None:
+        if any(w.error is not None for w in self.writers):  # stop reading at once, not at the table's end
+            raise WriterFailed
+        self.writers[self.turn % len(self.writers)].inbox.put(block)
+        self.turn += 1
+
+    def end(self) -> None:
+        job, self.job = self.job, None
+        assert job is not None
+        for w in self.writers:
+            w.inbox.put(None)
+        results = [job.done.get() for _ in self.writers]
+        if any(err is not None for _, err in results):
+            raise WriterFailed
+        self.counts[job.key] = self.counts.get(job.key, 0) + sum(rows for rows, _ in results)
+        if self.on_table is not None:
+            self.on_table(job.key)
+
+    def close(self) -> dict[tuple[str, str], int]:
+        for w in self.writers:
+            w.inbox.put(_STOP)
+        for w in self.writers:
+            w.thread.join()
+        for w in self.writers:
+            if w.error is not None:
+                raise PgToolError(f"COPY failed: {_first_line(w.error)}") from w.error
+        return self.counts
+
+
 def load_copy_stream(chunks: Iterable[bytes], connections: list[Any], block_bytes: int = BLOCK_BYTES,
                      on_table: Callable[[tuple[str, str]], None] | None = None) -> dict[tuple[str, str], int]:
-    """Run pg_restore's plain-SQL output (``chunks``) over ``connections``; return rows per table.
-    ``on_table(key)`` is called once a table's COPY committed on every connection."""
-    writers = [_Writer(conn, i) for i, conn in enumerate(connections)]
-    counts: dict[tuple[str, str], int] = {}
+    """Run pg_restore's plain-SQL output (``chunks``) over ``connections``; return rows per table."""
+    loader = CopyLoader(connections, on_table)
     source = iter(chunks)
     try:
-        _dispatch(source, writers, counts, block_bytes, on_table)
-    except _WriterFailed:
+        _dispatch(source, loader, block_bytes)
+    except WriterFailed:
         pass
     finally:
         close = getattr(source, "close", None)
         if close is not None:
             close()  # stops pg_restore if the load ended early
-        for w in writers:
-            w.inbox.put(_STOP)
-        for w in writers:
-            w.thread.join()
-    for w in writers:
-        if w.error is not None:
-            raise PgToolError(f"COPY failed: {_first_line(w.error)}") from w.error
+        counts = loader.close()
     return counts
 
 
-def _dispatch(chunks: Iterator[bytes], writers: list[_Writer], counts: dict[tuple[str, str], int], block_bytes: int,
-              on_table: Callable[[tuple[str, str]], None] | None) -> None:
+def sql_statements(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """The SQL statements in lines of pg_restore's plain output outside COPY data: comments, blank lines
+    and psql meta-commands (``\\restrict``) skipped, a statement's lines joined through its ``;``."""
+    statement: list[bytes] = []
+    for line in lines:
+        if not statement and (not line.strip() or line.startswith(b"--") or line.startswith(b"\\")):
+            continue
+        statement.append(line)
+        if line.rstrip().endswith(b";"):
+            yield b"\n".join(statement)
+            statement.clear()
+    if statement:
+        raise PgToolError("pg_restore output ended inside a statement")
+
+
+def _dispatch(chunks: Iterator[bytes], loader: CopyLoader, block_bytes: int) -> None:
     pending = bytearray()
     statement: list[bytes] = []
     key = ("", "")
-    turn = 0
 
     def more() -> bool:
         for chunk in chunks:
@@ -185,54 +241,77 @@ def _dispatch(chunks: Iterator[bytes], writers: list[_Writer], counts: dict[tupl
         if not statement and (not line.strip() or line.startswith(b"--") or line.startswith(b"\\")):
             continue
         if not statement and _COPY_LINE.fullmatch(line):
-            job = _Copy(line, key)
-            for w in writers:
-                w.inbox.put(job)
-            turn = _copy_blocks(pending, more, writers, turn, block_bytes)
-            for w in writers:
-                w.inbox.put(None)
-            results = [job.done.get() for _ in writers]
-            if any(err is not None for _, err in results):
-                raise _WriterFailed
-            counts[key] = counts.get(key, 0) + sum(rows for rows, _ in results)
-            if on_table is not None:
-                on_table(key)
+            loader.begin(line, key)
+            _copy_blocks(pending, more, loader, block_bytes)
+            loader.end()
             continue
         statement.append(line)
         if line.rstrip().endswith(b";"):
-            sql = b"\n".join(statement)
+            loader.sql(b"\n".join(statement))
             statement.clear()
-            for w in writers:
-                w.inbox.put(sql)
 
 
-def _copy_blocks(pending: bytearray, more: Callable[[], bool], writers: list[_Writer], turn: int, block_bytes: int) -> int:
+def _copy_blocks(pending: bytearray, more: Callable[[], bool], loader: CopyLoader, block_bytes: int) -> None:
     """Send the COPY data at the start of ``pending`` through its ``\\.`` line, in blocks of at most
-    ``block_bytes`` (or one longer line) ending at line ends, one writer after the other; leave what follows
-    in ``pending``; return the next writer's turn."""
+    ``block_bytes`` (or one longer line) ending at line ends; leave what follows in ``pending``."""
     scanned = 0  # pending[:scanned] holds no end line
     while True:
-        if any(w.error is not None for w in writers):  # stop reading at once, not at the table's end
-            raise _WriterFailed
         if pending.startswith(_END):  # pending always starts at a line start
             del pending[:len(_END)]
-            return turn
+            return
         end = pending.find(b"\n" + _END, max(0, scanned - len(_END)))
         if 0 <= end < block_bytes:
-            writers[turn % len(writers)].inbox.put(pending[:end + 1])
+            loader.rows(pending[:end + 1])
             del pending[:end + 1 + len(_END)]
-            return turn + 1
+            return
         scanned = len(pending) if end < 0 else end
         cut = pending.rfind(b"\n", 0, block_bytes) if len(pending) >= block_bytes else -1
         if cut < 0 and len(pending) >= block_bytes:
             cut = pending.find(b"\n", block_bytes)  # one line longer than a block
         if cut >= 0:
-            writers[turn % len(writers)].inbox.put(pending[:cut + 1])
-            turn += 1
+            loader.rows(pending[:cut + 1])
             del pending[:cut + 1]
             scanned = max(0, scanned - (cut + 1))
         elif not more():
             raise PgToolError("pg_restore output ended inside COPY data")
+
+
+class TableRows:
+    """One table's COPY text in pieces of any size (``add``) to ``loader.rows`` in blocks that end at line
+    ends; ``finish`` sends the rest, without the ``\\.`` line that pg_dump writes at the end of the data
+    (the end of the COPY is the protocol's CopyDone).  The last block is held back until then."""
+
+    def __init__(self, loader: CopyLoader) -> None:
+        self.loader = loader
+        self.pending = bytearray()  # a line not ended yet
+        self.held: bytes | bytearray | None = None
+
+    def _send(self, block: bytes | bytearray) -> None:
+        if self.held is not None:
+            self.loader.rows(self.held)
+        self.held = block
+
+    def add(self, piece: bytes | bytearray) -> None:
+        if not self.pending and piece.endswith(b"\n"):
+            self._send(piece)
+            return
+        self.pending += piece
+        cut = self.pending.rfind(b"\n")
+        if cut >= 0:
+            self._send(self.pending[:cut + 1])
+            del self.pending[:cut + 1]
+
+    def finish(self) -> None:
+        if self.pending:
+            self._send(bytes(self.pending))  # a last line without its newline: COPY says what is wrong
+            self.pending.clear()
+        last = self.held or b""
+        tail = last.rstrip(b"\n")
+        if tail.endswith(b"\\.") and (len(tail) == 2 or tail[-3:-2] == b"\n"):
+            last = last[:len(tail) - 2]
+        if last:
+            self.loader.rows(last)
+        self.held = None
 
 
 def _read_batched(fd: int) -> bytes:

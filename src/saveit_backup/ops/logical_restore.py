@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 from saveit_backup.compose import Context
 from saveit_backup.domain.manifest import Manifest
 from saveit_backup.errors import BackupNotFound, ConfigError, IntegrityError, PgToolError, RestoreMismatch, RestoreRefused
-from saveit_backup.ops.copy_loader import CopyText, load_copy_stream
+from saveit_backup.ops.copy_loader import CopyLoader, CopyText, TableRows, WriterFailed, load_copy_stream, sql_statements
 from saveit_backup.ops.early_post_data import EarlyPostData
 from saveit_backup.ops.logical import (
     GLOBALS_OBJECT,
@@ -33,7 +33,8 @@ from saveit_backup.ops.logical import (
 from saveit_backup.ops.progress import Progress
 from saveit_backup.ops.verify import verify_backup
 from saveit_backup.pg.conn import connect, describe_dsn, find_tool, split_password, tool_env, with_dbname
-from saveit_backup.pg.custom_archive import ArchiveWriter, OffsetRecorder, TocEntry, patch_offsets
+from saveit_backup.pg.copy_data import DataBlock
+from saveit_backup.pg.custom_archive import COMPRESSION_NONE, ArchiveWriter, OffsetRecorder, TocEntry, patch_offsets
 from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
@@ -270,7 +271,8 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
         path = Path(tmp) / "archive.dump"
         offsets = OffsetRecorder(drop_table_data=True)
         with open(path, "w+b") as out:
-            archive = ArchiveWriter(out, offsets)
+            inline = InlineTableData(offsets)
+            archive = ArchiveWriter(out, offsets, inline.on_dropped)
 
             def write(chunk: bytes) -> None:
                 try:
@@ -302,12 +304,22 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
                 # a loaded table's own indexes are built while the next tables load (the file's TOC is complete)
                 early = EarlyPostData(offsets.entries, listing, Path(tmp),
                                       lambda items: _run(args + ["-L", str(items), str(path)], env, None))
+                selected = {int(ln.split(b";", 1)[0]) for ln in table_data.read_bytes().splitlines() if ln.strip()}
+                how = "COPY text cut from the archive" if inline.usable(selected) else "COPY text from pg_restore"
                 try:
-                    counts = _load_table_data([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"], env, target, jobs,
-                                              head, chunks, write, early.table_loaded)
+                    if how.endswith("archive"):
+                        preamble = subprocess.run([pg_restore, "--data-only", "-L", os.devnull, "-f", "-", str(path)],
+                                                  capture_output=True, env=env, check=False)
+                        if preamble.returncode != 0:
+                            raise PgToolError(f"pg_restore failed: {preamble.stderr.decode(errors='replace').strip()}")
+                        counts = _load_inline(inline, list(sql_statements(preamble.stdout.splitlines())), target, jobs, chunks,
+                                              write, early.table_loaded)
+                    else:
+                        counts = _load_table_data([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"], env, target,
+                                                  jobs, head, chunks, write, early.table_loaded)
                 finally:
                     done = early.finish()  # before the TOC is patched under it
-                phase(f"decode and table data over {jobs} connections ({len(done)} post-data items during it)")
+                phase(f"decode and table data over {jobs} connections, {how} ({len(done)} post-data items during it)")
                 if done:
                     others.write_bytes(b"".join((b";" if i in done else b"") + ln + b"\n" for i, ln in listing.items()))
             for chunk in chunks:
@@ -326,12 +338,90 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
     return dict(counts)
 
 
-def _load_table_data(cmd: list[str], env: dict[str, str], target: str, jobs: int, head: list[bytes],
-                     chunks: Iterator[bytes], write: Callable[[bytes], None],
-                     on_table: Callable[[tuple[str, str]], None] | None = None) -> dict[tuple[str, str], int]:
-    """Feed ``head`` and then the rest of ``chunks`` (each also passed to ``write``) to the pg_restore of ``cmd``
-    while ``load_copy_stream`` loads its COPY text over ``jobs`` connections to ``target``; return its counts.
-    A failure stops the decode at once and is raised."""
+class InlineTableData:
+    """The TABLE DATA blocks an ``ArchiveWriter`` drops, turned into COPY text (``pg.copy_data``) for a
+    ``CopyLoader``: its ``on_dropped`` hook.  Until ``start`` the bytes wait (the decode reaches the first
+    block while the table of contents is read); ``usable`` says whether the archive allows it (uncompressed,
+    a COPY statement for every selected entry) and, if not, switches the hook off."""
+
+    def __init__(self, recorder: OffsetRecorder) -> None:
+        self.recorder = recorder
+        self.selected: set[int] = set()
+        self.backlog: list[tuple[int, bytes, bool]] | None = []
+        self.loader: CopyLoader | None = None
+        self.start_of: int | None = None  # the block being read
+        self.block: DataBlock | None = None
+        self.rows: TableRows | None = None
+
+    def usable(self, selected: set[int]) -> bool:
+        entries = self.recorder.entries
+        ok = bool(selected) and self.recorder.compression == COMPRESSION_NONE and all(
+            i in entries and entries[i].copy_stmt.startswith(b"COPY ") for i in selected)
+        if not ok:
+            self.backlog = None
+        self.selected = selected
+        return ok
+
+    def start(self, loader: CopyLoader) -> None:
+        self.loader = loader
+        backlog, self.backlog = self.backlog or [], None
+        for start, data, ended in backlog:
+            self.on_dropped(start, memoryview(data), ended)
+
+    def on_dropped(self, start: int, data: memoryview, ended: bool) -> None:
+        if self.loader is None:
+            if self.backlog is not None:
+                self.backlog.append((start, bytes(data), ended))
+            return
+        if start != self.start_of:
+            self.end_block()
+            self.start_of = start
+            dump_id = self.recorder.block_at[start]
+            if dump_id in self.selected:
+                entry = self.recorder.entries[dump_id]
+                self.loader.begin(entry.copy_stmt.rstrip(), (entry.namespace, entry.tag))
+                self.block, self.rows = DataBlock(self.recorder.int_size), TableRows(self.loader)
+        if self.block is not None and self.rows is not None:
+            for piece in self.block.feed(data):
+                self.rows.add(piece)
+        if ended:
+            self.end_block()
+
+    def end_block(self) -> None:
+        block, rows, self.block, self.rows = self.block, self.rows, None, None
+        if block is not None and rows is not None and self.loader is not None:
+            for piece in block.finish():
+                rows.add(piece)
+            rows.finish()
+            self.loader.end()
+
+
+def _load_inline(inline: InlineTableData, preamble: list[bytes], target: str, jobs: int, chunks: Iterator[bytes],
+                 write: Callable[[bytes], None], on_table: Callable[[tuple[str, str]], None]) -> dict[tuple[str, str], int]:
+    """Decode the rest of ``chunks`` into ``write``, whose ``ArchiveWriter`` hands the TABLE DATA blocks to
+    ``inline``, loading them over ``jobs`` connections to ``target`` (each session set up with ``preamble``,
+    pg_restore's own settings for the archive); return COPY's counts.  A failure stops the decode at once."""
+    connections = _connect_all(target, jobs)
+    loader = CopyLoader(connections, on_table)
+    try:
+        for statement in preamble:
+            loader.sql(statement)
+        inline.start(loader)
+        for chunk in chunks:
+            write(chunk)
+        inline.end_block()
+    except WriterFailed:
+        pass
+    finally:
+        try:
+            counts = loader.close()
+        finally:
+            for conn in connections:
+                conn.close()
+    return counts
+
+
+def _connect_all(target: str, jobs: int) -> list[Any]:
     connections: list[Any] = []
     try:
         for _ in range(jobs):
@@ -340,6 +430,16 @@ def _load_table_data(cmd: list[str], env: dict[str, str], target: str, jobs: int
         for conn in connections:
             conn.close()
         raise
+    return connections
+
+
+def _load_table_data(cmd: list[str], env: dict[str, str], target: str, jobs: int, head: list[bytes],
+                     chunks: Iterator[bytes], write: Callable[[bytes], None],
+                     on_table: Callable[[tuple[str, str]], None] | None = None) -> dict[tuple[str, str], int]:
+    """Feed ``head`` and then the rest of ``chunks`` (each also passed to ``write``) to the pg_restore of ``cmd``
+    while ``load_copy_stream`` loads its COPY text over ``jobs`` connections to ``target``; return its counts.
+    A failure stops the decode at once and is raised."""
+    connections = _connect_all(target, jobs)
     text = CopyText(cmd, env)
     counts: dict[tuple[str, str], int] = {}
     failure: list[BaseException] = []

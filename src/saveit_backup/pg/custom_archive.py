@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -56,6 +56,7 @@ K_OFFSET_NO_DATA = 3
 COMPRESSION_NONE = 0
 SECTION_PRE_DATA, SECTION_DATA, SECTION_POST_DATA = 2, 3, 4
 _NAME_LIMIT = 1024  # tags and descs longer than this are skipped, not kept
+_COPY_LIMIT = 1 << 20  # COPY statements (one per table, with its column names) up to this are kept
 
 # Requests from the parser coroutine to the feeder: read N bytes (sent back), skip N bytes, or consume
 # through the first run of N zero bytes.
@@ -79,6 +80,7 @@ class TocEntry:
     namespace: str = ""  # the schema ("" for objects outside one)
     section: int = 0  # SECTION_* (pre-data 2, data 3, post-data 4)
     deps: tuple[int, ...] = ()  # dump IDs this entry depends on
+    copy_stmt: bytes = b""  # TABLE DATA: "COPY ... FROM stdin;\n" in the archive's encoding (b"" if none or too long)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class OffsetRecorder:
         self.compression = COMPRESSION_NONE
         self.entries: dict[int, TocEntry] = {}
         self.blocks: dict[int, int] = {}  # dump ID -> position of its block type byte
+        self.block_at: dict[int, int] = {}  # the same, position -> dump ID
         self.problem: str | None = None
         self.toc_end: int | None = None  # position after the table of contents, once read
         self.size = 0  # bytes fed
@@ -212,15 +215,22 @@ class OffsetRecorder:
         return -value if raw[0] else value
 
     def _str(self, keep: bool = False) -> Generator[_Request, bytes | None, str | None]:
+        raw = yield from self._bytes(_NAME_LIMIT if keep else 0)
+        if raw is None:
+            return None
+        return raw.decode("utf-8", "replace") if keep else ""
+
+    def _bytes(self, limit: int) -> Generator[_Request, bytes | None, bytes | None]:
+        """A string's bytes if it has at most ``limit`` of them (longer: b"..."), None for NULL."""
         n = yield from self._int()
         if n < 0:
             return None
-        if keep and 0 < n <= _NAME_LIMIT:
+        if 0 < n <= limit:
             raw = yield (_READ, n)
             assert raw is not None
-            return raw.decode("utf-8", "replace")
+            return bytes(raw)
         yield (_SKIP, n)
-        return "" if n == 0 or not keep else "..."
+        return b"" if n == 0 else b"..."
 
     def _chunks(self) -> Generator[_Request, bytes | None, None]:
         """Skip chunks (int length, bytes) through the zero length that ends them."""
@@ -269,8 +279,9 @@ class OffsetRecorder:
             tag = yield from self._str(keep=True)
             desc = yield from self._str(keep=True)
             section = yield from self._int()
-            for _ in range(3):  # defn, drop statement, copy statement
+            for _ in range(2):  # defn, drop statement
                 yield from self._str()
+            copy_stmt = yield from self._bytes(_COPY_LIMIT if desc == "TABLE DATA" else 0)
             namespace = yield from self._str(keep=True)
             for _ in range(2):  # tablespace, table AM
                 yield from self._str()
@@ -291,7 +302,7 @@ class OffsetRecorder:
                 raise _Unusable(f"bad or repeated dump ID {dump_id}")
             self.entries[dump_id] = TocEntry(dump_id, desc or "", tag or "", field_pos, raw[0],
                                              int.from_bytes(raw[1:], "little"), namespace or "",
-                                             section, tuple(deps))
+                                             section, tuple(deps), copy_stmt if copy_stmt and copy_stmt != b"..." else b"")
 
         self.toc_end = self._pos
         fast = self.compression == COMPRESSION_NONE
@@ -306,6 +317,7 @@ class OffsetRecorder:
             if block[1] != 0 or entry is None or entry.flag == K_OFFSET_NO_DATA or dump_id in self.blocks:
                 raise _Unusable(f"unexpected block header {block.hex()} at {start}")
             self.blocks[dump_id] = start
+            self.block_at[start] = dump_id
             drop = self.drop_table_data and kind == BLK_DATA and entry.desc == "TABLE DATA"
             if drop:
                 self.drop_from = start
@@ -366,9 +378,11 @@ class ArchiveWriter:
     If the recorder fails once blocks were dropped, the file cannot be completed: ``feed`` raises
     ``ValueError``; if it fails before, the rest of the archive is written whole."""
 
-    def __init__(self, out: BinaryIO, recorder: OffsetRecorder) -> None:
+    def __init__(self, out: BinaryIO, recorder: OffsetRecorder,
+                 on_dropped: Callable[[int, memoryview, bool], None] | None = None) -> None:
         self.out = out
         self.recorder = recorder
+        self.on_dropped = on_dropped  # (block start, its next bytes, block ended): the dropped bytes, in order
         self._carry = b""  # fed bytes after the settled position
         self._done = 0  # stream position through which bytes were written or dropped
         self._next = 0  # index in recorder.dropped of the first range not wholly before _done
@@ -389,14 +403,17 @@ class ArchiveWriter:
         rec = self.recorder
         start, end = self._done, self._done + len(view)
         ranges = rec.dropped[self._next:]
+        complete = len(ranges)
         if rec.drop_from is not None:
             ranges.append((rec.drop_from, end))
         pos = start
-        for a, b in ranges:
+        for i, (a, b) in enumerate(ranges):
             if a >= end:
                 break
             if a > pos:
                 self.out.write(view[pos - start:a - start])
+            if self.on_dropped is not None and b > pos:
+                self.on_dropped(a, view[max(a, pos) - start:min(b, end) - start], i < complete and b <= end)
             pos = max(pos, b)
         if pos < end:
             self.out.write(view[pos - start:])

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from saveit_backup.errors import PgToolError
-from saveit_backup.ops.copy_loader import CopyText, load_copy_stream
+from saveit_backup.ops.copy_loader import CopyText, load_copy_stream, widen_send_buffer
 
 PREAMBLE = (b"--\n-- PostgreSQL database dump\n--\n\n\\restrict abc\n\nSET client_encoding = 'UTF8';\n"
             b"SELECT pg_catalog.set_config('search_path', '', false);\n\n")
@@ -34,6 +36,7 @@ class FakeCopy:
         if self.conn.fail_on and self.conn.fail_on in bytes(block):
             raise RuntimeError("ERROR:  invalid input syntax for type integer: \"x\"\nCONTEXT: COPY t, line 3")
         self.conn.blocks.append((self.sql, bytes(block)))
+        time.sleep(self.conn.write_seconds)  # a server busy with the block: the next one goes to another writer
 
 
 class FakeCursor:
@@ -47,7 +50,8 @@ class FakeCursor:
 
 
 class FakeConn:
-    def __init__(self, fail_on: bytes = b"") -> None:
+    def __init__(self, fail_on: bytes = b"", write_seconds: float = 0.0) -> None:
+        self.write_seconds = write_seconds
         self.statements: list[str] = []
         self.copies: list[str] = []
         self.blocks: list[tuple[str, bytes]] = []
@@ -73,7 +77,7 @@ def rows(prefix: str, n: int) -> list[bytes]:
 def test_each_table_is_split_across_every_connection_at_line_ends(chunk: int) -> None:
     big, small = rows("big", 5000), rows("small", 3)
     stream = PREAMBLE + table("public", "big", big) + table("audit", "small", small) + b"--\n-- dump complete\n--\n\n\\unrestrict abc\n"
-    conns = [FakeConn(), FakeConn()]
+    conns = [FakeConn(write_seconds=0.001), FakeConn(write_seconds=0.001)]
     counts = load_copy_stream(chunked(stream, chunk), conns, block_bytes=1000)
     assert counts == {("public", "big"): 5000, ("audit", "small"): 3}
     for conn in conns:  # settings on every connection, in order; comments and \restrict skipped
@@ -82,7 +86,7 @@ def test_each_table_is_split_across_every_connection_at_line_ends(chunk: int) ->
         assert all(block.endswith(b"\n") and len(block) < 1100 for _, block in conn.blocks)
     got = sorted(line for conn in conns for sql, block in conn.blocks if "big" in sql for line in block.splitlines(keepends=True))
     assert got == sorted(big)  # every row exactly once
-    assert all(any("big" in sql for sql, _ in conn.blocks) for conn in conns)  # both connections loaded it
+    assert all(any("big" in sql for sql, _ in conn.blocks) for conn in conns)  # both connections loaded it (each free in turn)
 
 
 def test_an_empty_table_and_a_row_that_looks_like_the_end_marker() -> None:
@@ -170,7 +174,7 @@ def test_a_failing_block_stops_reading_before_the_tables_end() -> None:
             yield chunk
 
     with pytest.raises(PgToolError, match="COPY failed"):
-        load_copy_stream(source(), [FakeConn(fail_on=b"x\tbad"), FakeConn()], block_bytes=64)
+        load_copy_stream(source(), [FakeConn(fail_on=b"x\tbad"), FakeConn(fail_on=b"x\tbad")], block_bytes=64)
     assert consumed < 20000  # of about 280 kB
 
 
@@ -183,3 +187,17 @@ def test_names_outside_utf8_pass_as_the_archives_bytes() -> None:
     counts = load_copy_stream([stream], [conn])
     assert conn.copies == ["COPY public.café (a) FROM stdin;"] and conn.statements[0] == "SET client_encoding = 'LATIN1';"
     assert list(counts.values()) == [2]  # keyed by a lossy name: the manifest's check counts such a table itself
+
+
+def test_copy_connections_get_a_large_send_buffer() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        class Conn:
+            def fileno(self) -> int:
+                return a.fileno()
+
+        before = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        widen_send_buffer(Conn(), 1 << 20)
+        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > before  # the kernel may cap it, never below
+        a.sendall(b"still open")  # the duplicate was closed, not the connection's socket
+        assert b.recv(16) == b"still open"

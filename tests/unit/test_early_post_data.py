@@ -103,3 +103,20 @@ def test_a_failed_batch_is_raised_by_finish_and_stops_the_next(tmp_path: Path) -
     with pytest.raises(PgToolError, match="could not create unique index"):
         early.finish()
     assert len(calls) == 1
+
+
+def test_stop_reports_the_batch_under_way_and_join_waits_for_it(tmp_path: Path) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def run(_path: Path) -> None:
+        started.set()
+        release.wait(5)
+
+    early = EarlyPostData(ENTRIES, _listing(), tmp_path, run)
+    early.table_loaded(("public", "a"))
+    started.wait(5)
+    assert early.stop() == (set(), {30, 31})  # the final post-data leaves these out and may start now
+    assert early.thread.is_alive()
+    release.set()
+    early.join()
+    assert early.done == {30, 31} and not early.thread.is_alive()

@@ -21,6 +21,7 @@ Contract:
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import logging
 import os
@@ -28,6 +29,7 @@ import queue
 import re
 import select
 import shutil
+import socket
 import subprocess
 import termios
 import threading
@@ -42,6 +44,7 @@ from saveit_backup.errors import PgToolError
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 1 << 20
+SEND_BUFFER = 4 << 20
 BATCH_BYTES = 256 << 10  # read pg_restore's output once this much waits in the pipe (or at its end)
 BATCH_WAIT = 0.001
 QUEUE_DEPTH = 4  # blocks queued per writer: memory stays under N * (QUEUE_DEPTH + 2) MiB
@@ -52,10 +55,13 @@ _DATA_COMMENT = re.compile(rb"-- Data for Name: (.*); Type: TABLE DATA; Schema: 
 
 @dataclass
 class _Copy:
-    """One table's COPY as every writer runs it; writers report (rows, error) on ``done``."""
+    """One table's COPY as every writer runs it: each takes the next block from ``blocks`` when it is ready
+    for one (no writer waits behind a slower one), through one ``None`` per writer; writers report
+    (rows, error) on ``done``."""
 
     sql: bytes
     key: tuple[str, str]
+    blocks: queue.Queue[object]
     done: queue.Queue[tuple[int, BaseException | None]] = field(default_factory=queue.Queue)
 
 
@@ -68,11 +74,11 @@ class WriterFailed(Exception):
 
 
 class _Writer:
-    """A connection and the thread that feeds it: SQL strings and ``_Copy`` jobs, each job's data blocks
-    following it until ``None``; ``_STOP`` ends the thread, aborting a COPY under way (whatever the abort
-    raises).  After an error the writer keeps consuming its queue, so the dispatcher never blocks on it, and
-    reports the error for every job.  SQL is bytes in the archive's encoding, which pg_restore's own
-    ``SET client_encoding`` makes the session's."""
+    """A connection and the thread that feeds it: SQL strings and ``_Copy`` jobs in its inbox, a job's data
+    blocks from the job's shared queue until a ``None``; ``_STOP`` (in either) ends the thread, aborting a
+    COPY under way (whatever the abort raises).  After an error the writer goes on taking the job's blocks
+    through its ``None``, so the dispatcher never blocks, and reports the error for every job.  SQL is bytes
+    in the archive's encoding, which pg_restore's own ``SET client_encoding`` makes the session's."""
 
     def __init__(self, conn: Any, index: int) -> None:
         self.conn = conn
@@ -98,8 +104,8 @@ class _Writer:
         except _Stopped:
             return
 
-    def _next(self) -> object:
-        item = self.inbox.get()
+    def _next(self, source: queue.Queue[object] | None = None) -> object:
+        item = (source or self.inbox).get()
         if item is _STOP:
             self.stopped = True
             raise _Stopped
@@ -111,7 +117,7 @@ class _Writer:
             try:
                 cur = self.conn.cursor()
                 with cur.copy(job.sql) as copy:
-                    while (block := self._next()) is not None:
+                    while (block := self._next(job.blocks)) is not None:
                         copy.write(block)  # type: ignore[arg-type]  # a bytearray
                     ended = True
                 return max(0, int(cur.rowcount))
@@ -121,8 +127,8 @@ class _Writer:
                 if self.stopped:  # the abort raised an error of its own (the server's, a lost connection)
                     raise _Stopped from exc
                 self.error = exc
-        while not ended:  # this job's blocks, through its None
-            ended = self._next() is None
+        while not ended:  # this job's blocks, through a None
+            ended = self._next(job.blocks) is None
         return 0
 
 
@@ -131,7 +137,7 @@ _STOP = object()
 
 class CopyLoader:
     """The push side: ``sql`` for every connection, then per table ``begin``, ``rows`` (blocks that end at
-    line ends, handed to the writers in turn) and ``end``; ``close`` stops the writers and raises the first
+    line ends, each taken by the first writer ready for it) and ``end``; ``close`` stops the writers and raises the first
     failure.  ``rows`` and ``end`` raise ``WriterFailed`` as soon as a writer failed (``close`` says why).
     ``on_table(key)`` is called once a table's COPY committed on every connection."""
 
@@ -139,7 +145,6 @@ class CopyLoader:
         self.writers = [_Writer(conn, i) for i, conn in enumerate(connections)]
         self.on_table = on_table
         self.counts: dict[tuple[str, str], int] = {}
-        self.turn = 0
         self.job: _Copy | None = None
 
     def sql(self, statement: bytes) -> None:
@@ -147,21 +152,21 @@ class CopyLoader:
             w.inbox.put(statement)
 
     def begin(self, copy_sql: bytes, key: tuple[str, str]) -> None:
-        self.job = _Copy(copy_sql, key)
+        self.job = _Copy(copy_sql, key, queue.Queue(maxsize=QUEUE_DEPTH * len(self.writers)))
         for w in self.writers:
             w.inbox.put(self.job)
 
     def rows(self, block: bytes | bytearray) -> None:
         if any(w.error is not None for w in self.writers):  # stop reading at once, not at the table's end
             raise WriterFailed
-        self.writers[self.turn % len(self.writers)].inbox.put(block)
-        self.turn += 1
+        assert self.job is not None
+        self.job.blocks.put(block)
 
     def end(self) -> None:
         job, self.job = self.job, None
         assert job is not None
-        for w in self.writers:
-            w.inbox.put(None)
+        for _ in self.writers:
+            job.blocks.put(None)
         results = [job.done.get() for _ in self.writers]
         if any(err is not None for _, err in results):
             raise WriterFailed
@@ -170,6 +175,15 @@ class CopyLoader:
             self.on_table(job.key)
 
     def close(self) -> dict[tuple[str, str], int]:
+        if self.job is not None:  # stopped inside a table: its writers wait on its blocks
+            for _ in self.writers:
+                while True:
+                    try:
+                        self.job.blocks.put_nowait(_STOP)
+                        break
+                    except queue.Full:
+                        with contextlib.suppress(queue.Empty):
+                            self.job.blocks.get_nowait()  # a block nobody will load now
         for w in self.writers:
             w.inbox.put(_STOP)
         for w in self.writers:
@@ -330,6 +344,19 @@ def _read_batched(fd: int) -> bytes:
         if available[0] >= BATCH_BYTES:
             return os.read(fd, BLOCK_BYTES)
         time.sleep(BATCH_WAIT)
+
+
+def widen_send_buffer(conn: Any, size: int = SEND_BUFFER) -> None:
+    """A socket send buffer of ``size`` for a COPY connection (the kernel caps it at net.core.wmem_max).
+
+    A Unix socket only wakes a writer waiting to send once three quarters of what it buffered were read: with
+    the default 208 KiB the server has about 50 KiB left when the writer is woken, and on busy cores it runs
+    dry (waits for ClientRead) before the writer gets the CPU and the GIL back; with 4 MiB it has 1 MiB."""
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except OSError as exc:
+        log.debug("send buffer left as it is: %s", exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -10,8 +10,10 @@ final ``pg_restore -j`` of the post-data section.
 
 Contract:
 * ``table_loaded`` only queues (it is called from the loader's thread); one runner thread starts the batches;
-* ``finish`` starts no more batches, waits for the one under way and returns the dump IDs restored early,
-  which the final post-data list must leave out; a failed batch is raised there, as ``PgToolError``;
+* ``stop`` starts no more batches and returns the dump IDs restored early and those of the batch under way,
+  which the final post-data list must leave out (the final run may start at once unless one of its items
+  depends on the batch under way); ``join`` waits for that batch and raises a failed batch's error
+  (``PgToolError``); ``finish`` is both;
 * ``early_items`` is the pure choice, tested on tables of entries.
 """
 
@@ -65,6 +67,8 @@ class EarlyPostData:
         self.tables = table_of_data(entries)
         self.loaded: set[int] = set()
         self.done: set[int] = set()
+        self.running: set[int] = set()  # the batch under way
+        self.lock = threading.Lock()  # done, running and stopping change together
         self.error: BaseException | None = None
         self.stopping = False
         self.inbox: queue.Queue[tuple[str, str]] = queue.Queue()
@@ -83,9 +87,13 @@ class EarlyPostData:
             if table is None:
                 continue
             self.loaded.add(table)
-            items = [i for i in early_items(self.entries, self.listing, self.loaded) if i not in self.done]
-            if not items:
-                continue
+            with self.lock:
+                if self.stopping:
+                    continue
+                items = [i for i in early_items(self.entries, self.listing, self.loaded) if i not in self.done]
+                if not items:
+                    continue
+                self.running = set(items)
             batch += 1
             path = self.workdir / f"early-{batch}.list"
             path.write_bytes(b"".join(self.listing[i] + b"\n" for i in items))
@@ -94,13 +102,27 @@ class EarlyPostData:
             except BaseException as exc:
                 self.error = exc
                 continue
-            self.done.update(items)
+            finally:
+                with self.lock:
+                    self.running = set()
+            with self.lock:
+                self.done.update(items)
             log.debug("post-data items %s restored after %s.%s loaded", items, *key)
 
-    def finish(self) -> set[int]:
-        self.stopping = True
-        self.inbox.put(_STOP)
+    def stop(self) -> tuple[set[int], set[int]]:
+        """Start no more batches; (items restored, items of the batch under way)."""
+        with self.lock:
+            self.stopping = True
+            self.inbox.put(_STOP)
+            return set(self.done), set(self.running)
+
+    def join(self) -> None:
+        """Wait for the batch under way; raise its failure (or an earlier one)."""
         self.thread.join()
         if self.error is not None:
             raise self.error
-        return set(self.done)
+
+    def finish(self) -> set[int]:
+        done, running = self.stop()
+        self.join()
+        return done | running

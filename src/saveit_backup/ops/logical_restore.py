@@ -22,7 +22,15 @@ from typing import Any, BinaryIO
 from saveit_backup.compose import Context
 from saveit_backup.domain.manifest import Manifest
 from saveit_backup.errors import BackupNotFound, ConfigError, IntegrityError, PgToolError, RestoreMismatch, RestoreRefused
-from saveit_backup.ops.copy_loader import CopyLoader, CopyText, TableRows, WriterFailed, load_copy_stream, sql_statements
+from saveit_backup.ops.copy_loader import (
+    CopyLoader,
+    CopyText,
+    TableRows,
+    WriterFailed,
+    load_copy_stream,
+    sql_statements,
+    widen_send_buffer,
+)
 from saveit_backup.ops.early_post_data import EarlyPostData
 from saveit_backup.ops.logical import (
     GLOBALS_OBJECT,
@@ -300,42 +308,56 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
             phase("table of contents")
             _run(args + ["-L", str(others), "--section=pre-data", str(path)], env, None)
             phase("pre-data")
-            if table_data.stat().st_size:
-                # a loaded table's own indexes are built while the next tables load (the file's TOC is complete)
-                early = EarlyPostData(offsets.entries, listing, Path(tmp),
-                                      lambda items: _run(args + ["-L", str(items), str(path)], env, None))
-                selected = {int(ln.split(b";", 1)[0]) for ln in table_data.read_bytes().splitlines() if ln.strip()}
-                how = "COPY text cut from the archive" if inline.usable(selected) else "COPY text from pg_restore"
-                try:
-                    if how.endswith("archive"):
-                        preamble = subprocess.run([pg_restore, "--data-only", "-L", os.devnull, "-f", "-", str(path)],
-                                                  capture_output=True, env=env, check=False)
-                        if preamble.returncode != 0:
-                            raise PgToolError(f"pg_restore failed: {preamble.stderr.decode(errors='replace').strip()}")
-                        counts = _load_inline(inline, list(sql_statements(preamble.stdout.splitlines())), target, jobs, chunks,
-                                              write, early.table_loaded)
-                    else:
-                        counts = _load_table_data([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"], env, target,
-                                                  jobs, head, chunks, write, early.table_loaded)
-                finally:
-                    done = early.finish()  # before the TOC is patched under it
-                phase(f"decode and table data over {jobs} connections, {how} ({len(done)} post-data items during it)")
-                if done:
-                    others.write_bytes(b"".join((b";" if i in done else b"") + ln + b"\n" for i, ln in listing.items()))
-            for chunk in chunks:
-                write(chunk)
-            archive.finish()
-            out.flush()
-            if patch_offsets(out.fileno(), offsets) == 0 and offsets.dropped:
-                raise IntegrityError(f"cannot rewrite the archive's table of contents ({offsets.problem or 'see --verbose'}); "
-                                     "restore with --jobs 1")
-        _run(args + ["-L", str(others), "--section=data", str(path)], env, None)
-        phase("other data")
-        _run(args + ["-L", str(others), "-j", str(jobs), "--section=post-data", str(path)], env, None)
+            early: EarlyPostData | None = None
+            try:
+                if table_data.stat().st_size:
+                    # a loaded table's own indexes are built while the next tables load (the file's TOC is complete)
+                    early = EarlyPostData(offsets.entries, listing, Path(tmp),
+                                          lambda items: _run(args + ["-L", str(items), str(path)], env, None))
+                    how, counts = _load_all_table_data(pg_restore, path, table_data, inline, env, target, jobs, head, chunks,
+                                                       write, early.table_loaded)
+                    done, running = early.stop()
+                    if any(set(offsets.entries[i].deps) & running for i in listing if i in offsets.entries and i not in done | running):
+                        early.join()  # the rest needs the batch under way (a foreign key on its key)
+                    phase(f"decode and table data over {jobs} connections, {how} ({len(done | running)} post-data items during it)")
+                    if done | running:
+                        others.write_bytes(b"".join((b";" if i in done | running else b"") + ln + b"\n" for i, ln in listing.items()))
+                for chunk in chunks:
+                    write(chunk)
+                archive.finish()
+                out.flush()
+                if patch_offsets(out.fileno(), offsets) == 0 and offsets.dropped:
+                    raise IntegrityError(f"cannot rewrite the archive's table of contents ({offsets.problem or 'see --verbose'}); "
+                                         "restore with --jobs 1")
+                _run(args + ["-L", str(others), "--section=data", str(path)], env, None)
+                phase("other data")
+                _run(args + ["-L", str(others), "-j", str(jobs), "--section=post-data", str(path)], env, None)
+            finally:
+                if early is not None:  # the batch under way was built next to the rest; nothing outlives the file
+                    early.stop()
+                    early.join()
         phase(f"post-data -j{jobs}")
     log.info("restore phases: %s (%d bytes, %d of them TABLE DATA loaded by COPY)", ", ".join(phases), offsets.size,
              offsets.size - offsets.written_size())
     return dict(counts)
+
+
+def _load_all_table_data(pg_restore: str, path: Path, table_data: Path, inline: InlineTableData, env: dict[str, str],
+                         target: str, jobs: int, head: list[bytes], chunks: Iterator[bytes], write: Callable[[bytes], None],
+                         on_table: Callable[[tuple[str, str]], None]) -> tuple[str, dict[tuple[str, str], int]]:
+    """Load the selected TABLE DATA (``table_data``, a ``pg_restore -L`` list) while the rest of the archive is
+    decoded into ``write``: cut from the archive when it allows (``inline``), else through pg_restore's text."""
+    selected = {int(ln.split(b";", 1)[0]) for ln in table_data.read_bytes().splitlines() if ln.strip()}
+    if not inline.usable(selected):
+        return "COPY text from pg_restore", _load_table_data([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"],
+                                                             env, target, jobs, head, chunks, write, on_table)
+    # pg_restore's own session settings for this archive (encoding, search_path, row_security...)
+    preamble = subprocess.run([pg_restore, "--data-only", "-L", os.devnull, "-f", "-", str(path)], capture_output=True, env=env,
+                              check=False)
+    if preamble.returncode != 0:
+        raise PgToolError(f"pg_restore failed: {(preamble.stderr.decode(errors='replace').strip().splitlines() or ['?'])[-1]}")
+    return "COPY text cut from the archive", _load_inline(inline, list(sql_statements(preamble.stdout.splitlines())), target,
+                                                          jobs, chunks, write, on_table)
 
 
 class InlineTableData:
@@ -426,6 +448,7 @@ def _connect_all(target: str, jobs: int) -> list[Any]:
     try:
         for _ in range(jobs):
             connections.append(connect(target))
+            widen_send_buffer(connections[-1])
     except BaseException:
         for conn in connections:
             conn.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import sys
 import threading
@@ -201,3 +203,24 @@ def test_copy_connections_get_a_large_send_buffer() -> None:
         assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > before  # the kernel may cap it, never below
         a.sendall(b"still open")  # the duplicate was closed, not the connection's socket
         assert b.recv(16) == b"still open"
+
+
+def test_batched_read_of_a_small_pipe_does_not_wait_for_more_than_it_holds() -> None:
+    from saveit_backup.ops.copy_loader import _read_batched
+
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 64 << 10)  # a pipe that stayed small: less than the batch size fits
+    data = os.urandom(200 << 10)
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as out:
+            out.write(data)  # blocks until the reader made room
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    got = bytearray()
+    with os.fdopen(r, "rb") as inp:
+        while piece := _read_batched(inp.fileno()):
+            got += piece
+    writer.join(5)
+    assert bytes(got) == data

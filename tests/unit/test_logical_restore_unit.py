@@ -37,3 +37,15 @@ def test_only_finished_table_data_of_wanted_tables_is_counted(monkeypatch: pytes
         early.on_line(line)
     assert early.finish() == {("public", "accounts"): 7, ("audit", "accounts"): 7}
     assert sorted(counted) == [("audit", "accounts"), ("public", "accounts")]
+
+
+def test_inline_table_data_keeps_nothing_when_no_table_is_selected() -> None:
+    from saveit_backup.ops.logical_restore import InlineTableData
+    from saveit_backup.pg.custom_archive import OffsetRecorder
+
+    inline = InlineTableData(OffsetRecorder(drop_table_data=True))
+    inline.on_dropped(100, memoryview(b"x" * 10), False)
+    assert inline.backlog == [(100, b"x" * 10, False)]  # waits for the loader
+    assert not inline.usable(set())
+    inline.on_dropped(110, memoryview(b"y" * 10), False)
+    assert inline.backlog is None  # a restore without table data holds none of it in memory

@@ -47,6 +47,7 @@ BLOCK_BYTES = 1 << 20
 SEND_BUFFER = 4 << 20
 BATCH_BYTES = 256 << 10  # read pg_restore's output once this much waits in the pipe (or at its end)
 BATCH_WAIT = 0.001
+BATCH_MAX_WAIT = 0.02
 QUEUE_DEPTH = 4  # blocks queued per writer: memory stays under N * (QUEUE_DEPTH + 2) MiB
 _END = b"\\.\n"
 _COPY_LINE = re.compile(rb"COPY .+ FROM stdin;")
@@ -329,21 +330,27 @@ class TableRows:
 
 
 def _read_batched(fd: int) -> bytes:
-    """Up to ``BLOCK_BYTES`` from the pipe ``fd``, waiting (in steps of ``BATCH_WAIT`` seconds) until at least
-    ``BATCH_BYTES`` are there or the writer is gone; b"" at the end.  pg_restore writes its output in 4 KiB
-    pieces: a blocking read would wake up for each of them (about 90,000 reads, and as many GIL hand-offs,
-    per GB)."""
+    """Up to ``BLOCK_BYTES`` from the pipe ``fd``, waiting (in steps of ``BATCH_WAIT`` seconds) until
+    ``BATCH_BYTES`` or half the pipe's capacity are there, or ``BATCH_MAX_WAIT`` passed with anything there,
+    or the writer is gone; b"" at the end.  pg_restore writes its output in 4 KiB pieces: a blocking read
+    would wake up for each of them (about 90,000 reads, and as many GIL hand-offs, per GB)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     available = array.array("i", [0])
+    try:  # the pipe may have stayed small (fs.pipe-max-size, pipe-user-pages-soft): never wait for more than fits
+        enough = min(BATCH_BYTES, fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) // 2)
+    except OSError:
+        enough = 1
+    waited = 0.0
     while True:
         events = poller.poll(0)
         if events and events[0][1] & (select.POLLHUP | select.POLLERR):
             return os.read(fd, BLOCK_BYTES)  # the writer closed: what is left, then b""
         fcntl.ioctl(fd, termios.FIONREAD, available)
-        if available[0] >= BATCH_BYTES:
+        if available[0] >= enough or (available[0] and waited >= BATCH_MAX_WAIT):
             return os.read(fd, BLOCK_BYTES)
         time.sleep(BATCH_WAIT)
+        waited += BATCH_WAIT
 
 
 def widen_send_buffer(conn: Any, size: int = SEND_BUFFER) -> None:

@@ -100,13 +100,12 @@ class EarlyPostData:
             try:
                 self.run(path)
             except BaseException as exc:
-                self.error = exc
-                continue
-            finally:
                 with self.lock:
-                    self.running = set()
-            with self.lock:
+                    self.error, self.running = exc, set()
+                continue
+            with self.lock:  # together: stop() sees the items either running or done
                 self.done.update(items)
+                self.running = set()
             log.debug("post-data items %s restored after %s.%s loaded", items, *key)
 
     def stop(self) -> tuple[set[int], set[int]]:

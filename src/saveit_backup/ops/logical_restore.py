@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
@@ -309,6 +310,8 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
             _run(args + ["-L", str(others), "--section=pre-data", str(path)], env, None)
             phase("pre-data")
             early: EarlyPostData | None = None
+            if not table_data.stat().st_size:
+                inline.usable(set())  # no table data to load: keep none of it
             try:
                 if table_data.stat().st_size:
                     # a loaded table's own indexes are built while the next tables load (the file's TOC is complete)
@@ -332,10 +335,15 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
                 _run(args + ["-L", str(others), "--section=data", str(path)], env, None)
                 phase("other data")
                 _run(args + ["-L", str(others), "-j", str(jobs), "--section=post-data", str(path)], env, None)
-            finally:
-                if early is not None:  # the batch under way was built next to the rest; nothing outlives the file
+            except BaseException:
+                if early is not None:  # nothing outlives the file; the first error is the one reported
                     early.stop()
-                    early.join()
+                    with contextlib.suppress(Exception):
+                        early.join()
+                raise
+            if early is not None:  # the batch under way was built next to the rest
+                early.stop()
+                early.join()
         phase(f"post-data -j{jobs}")
     log.info("restore phases: %s (%d bytes, %d of them TABLE DATA loaded by COPY)", ", ".join(phases), offsets.size,
              offsets.size - offsets.written_size())
@@ -356,8 +364,13 @@ def _load_all_table_data(pg_restore: str, path: Path, table_data: Path, inline: 
                               check=False)
     if preamble.returncode != 0:
         raise PgToolError(f"pg_restore failed: {(preamble.stderr.decode(errors='replace').strip().splitlines() or ['?'])[-1]}")
-    return "COPY text cut from the archive", _load_inline(inline, list(sql_statements(preamble.stdout.splitlines())), target,
-                                                          jobs, chunks, write, on_table)
+    counts = _load_inline(inline, list(sql_statements(preamble.stdout.splitlines())), target, jobs, chunks, write, on_table)
+    missing = selected - inline.loaded
+    if missing or inline.recorder.problem:
+        raise IntegrityError(f"the data of {len(missing)} of {len(selected)} tables was not found in the archive "
+                             f"({inline.recorder.problem or 'blocks missing'}); restore with --jobs 1",
+                             hint="pg_restore alone reads archives this restore cannot follow")
+    return "COPY text cut from the archive", counts
 
 
 class InlineTableData:
@@ -369,6 +382,7 @@ class InlineTableData:
     def __init__(self, recorder: OffsetRecorder) -> None:
         self.recorder = recorder
         self.selected: set[int] = set()
+        self.loaded: set[int] = set()  # selected entries whose whole block was loaded
         self.backlog: list[tuple[int, bytes, bool]] | None = []
         self.loader: CopyLoader | None = None
         self.start_of: int | None = None  # the block being read
@@ -416,6 +430,8 @@ class InlineTableData:
                 rows.add(piece)
             rows.finish()
             self.loader.end()
+            if self.start_of is not None:
+                self.loaded.add(self.recorder.block_at[self.start_of])
 
 
 def _load_inline(inline: InlineTableData, preamble: list[bytes], target: str, jobs: int, chunks: Iterator[bytes],

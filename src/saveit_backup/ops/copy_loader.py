@@ -212,12 +212,17 @@ def load_copy_stream(chunks: Iterable[bytes], connections: list[Any], block_byte
     return counts
 
 
+def _is_noise(line: bytes) -> bool:
+    """A line of pg_restore's plain output that is no SQL: blank, a comment, a psql meta-command (``\\restrict``)."""
+    return not line.strip() or line.startswith(b"--") or line.startswith(b"\\")
+
+
 def sql_statements(lines: Iterable[bytes]) -> Iterator[bytes]:
     """The SQL statements in lines of pg_restore's plain output outside COPY data: comments, blank lines
     and psql meta-commands (``\\restrict``) skipped, a statement's lines joined through its ``;``."""
     statement: list[bytes] = []
     for line in lines:
-        if not statement and (not line.strip() or line.startswith(b"--") or line.startswith(b"\\")):
+        if not statement and _is_noise(line):
             continue
         statement.append(line)
         if line.rstrip().endswith(b";"):
@@ -253,7 +258,7 @@ def _dispatch(chunks: Iterator[bytes], loader: CopyLoader, block_bytes: int) -> 
         if m := _DATA_COMMENT.match(line):  # the key only matches the manifest's names; an odd one is counted later
             schema, name = (g.decode("utf-8", "replace") for g in m.group(2, 1))
             key = (schema if schema != "-" else "", name)
-        if not statement and (not line.strip() or line.startswith(b"--") or line.startswith(b"\\")):
+        if not statement and _is_noise(line):
             continue
         if not statement and _COPY_LINE.fullmatch(line):
             loader.begin(line, key)

@@ -305,26 +305,26 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
                 _run(args + ["-j", str(jobs), str(path)], env, None)
                 return {}
             out.flush()
-            others, table_data, listing = _section_lists(pg_restore, selection, path, env)
+            others, table_data, listing, selected = _section_lists(pg_restore, selection, path, env)
             phase("table of contents")
             _run(args + ["-L", str(others), "--section=pre-data", str(path)], env, None)
             phase("pre-data")
             early: EarlyPostData | None = None
-            if not table_data.stat().st_size:
-                inline.usable(set())  # no table data to load: keep none of it
+            cut_here = inline.usable(selected)  # else (or with no table data) the hook keeps nothing
             try:
-                if table_data.stat().st_size:
+                if selected:
                     # a loaded table's own indexes are built while the next tables load (the file's TOC is complete)
                     early = EarlyPostData(offsets.entries, listing, Path(tmp),
                                           lambda items: _run(args + ["-L", str(items), str(path)], env, None))
-                    how, counts = _load_all_table_data(pg_restore, path, table_data, inline, env, target, jobs, head, chunks,
-                                                       write, early.table_loaded)
+                    how, counts = _load_all_table_data(pg_restore, path, table_data, selected, cut_here, inline, env, target,
+                                                       jobs, head, chunks, write, early.table_loaded)
                     done, running = early.stop()
-                    if any(set(offsets.entries[i].deps) & running for i in listing if i in offsets.entries and i not in done | running):
+                    restored = done | running
+                    if any(set(offsets.entries[i].deps) & running for i in listing if i in offsets.entries and i not in restored):
                         early.join()  # the rest needs the batch under way (a foreign key on its key)
-                    phase(f"decode and table data over {jobs} connections, {how} ({len(done | running)} post-data items during it)")
-                    if done | running:
-                        others.write_bytes(b"".join((b";" if i in done | running else b"") + ln + b"\n" for i, ln in listing.items()))
+                    phase(f"decode and table data over {jobs} connections, {how} ({len(restored)} post-data items during it)")
+                    if restored:
+                        others.write_bytes(b"".join((b";" if i in restored else b"") + ln + b"\n" for i, ln in listing.items()))
                 for chunk in chunks:
                     write(chunk)
                 archive.finish()
@@ -342,21 +342,21 @@ def _restore_in_sections(pg_restore: str, args: list[str], selection: list[str],
                         early.join()
                 raise
             if early is not None:  # the batch under way was built next to the rest
-                early.stop()
-                early.join()
+                early.finish()
         phase(f"post-data -j{jobs}")
     log.info("restore phases: %s (%d bytes, %d of them TABLE DATA loaded by COPY)", ", ".join(phases), offsets.size,
              offsets.size - offsets.written_size())
     return dict(counts)
 
 
-def _load_all_table_data(pg_restore: str, path: Path, table_data: Path, inline: InlineTableData, env: dict[str, str],
-                         target: str, jobs: int, head: list[bytes], chunks: Iterator[bytes], write: Callable[[bytes], None],
+def _load_all_table_data(pg_restore: str, path: Path, table_data: Path, selected: set[int], cut_here: bool,
+                         inline: InlineTableData, env: dict[str, str], target: str, jobs: int, head: list[bytes],
+                         chunks: Iterator[bytes], write: Callable[[bytes], None],
                          on_table: Callable[[tuple[str, str]], None]) -> tuple[str, dict[tuple[str, str], int]]:
-    """Load the selected TABLE DATA (``table_data``, a ``pg_restore -L`` list) while the rest of the archive is
-    decoded into ``write``: cut from the archive when it allows (``inline``), else through pg_restore's text."""
-    selected = {int(ln.split(b";", 1)[0]) for ln in table_data.read_bytes().splitlines() if ln.strip()}
-    if not inline.usable(selected):
+    """Load the selected TABLE DATA (dump IDs ``selected``, listed in ``table_data`` for ``pg_restore -L``) while
+    the rest of the archive is decoded into ``write``: cut from the archive by ``inline`` when ``cut_here``
+    (``inline.usable``), else through pg_restore's text."""
+    if not cut_here:
         return "COPY text from pg_restore", _load_table_data([pg_restore, "--data-only", "-L", str(table_data), "-f", "-"],
                                                              env, target, jobs, head, chunks, write, on_table)
     # pg_restore's own session settings for this archive (encoding, search_path, row_security...)
@@ -513,9 +513,11 @@ def _load_table_data(cmd: list[str], env: dict[str, str], target: str, jobs: int
     return counts
 
 
-def _section_lists(pg_restore: str, selection: list[str], path: Path, env: dict[str, str]) -> tuple[Path, Path, dict[int, bytes]]:
+def _section_lists(pg_restore: str, selection: list[str], path: Path,
+                   env: dict[str, str]) -> tuple[Path, Path, dict[int, bytes], set[int]]:
     """(every selected item but TABLE DATA, the selected TABLE DATA items) as ``pg_restore -L`` lists, in the
-    archive's order, next to ``path``; read from its table of contents.  Also the first list's lines by dump ID."""
+    archive's order, next to ``path``; read from its table of contents.  Also the first list's lines by dump ID,
+    and the dump IDs of the second."""
     listing = subprocess.run([pg_restore, "-l", *selection, str(path)], capture_output=True, env=env, check=False)
     if listing.returncode != 0:
         raise PgToolError(f"pg_restore -l failed: {(listing.stderr.decode(errors='replace').strip().splitlines() or ['?'])[-1]}")
@@ -525,8 +527,9 @@ def _section_lists(pg_restore: str, selection: list[str], path: Path, env: dict[
     kept = {int(ln.split(b";", 1)[0]): ln for ln in items if not _TABLE_DATA_ITEM.match(ln)}
     others.write_bytes(b"".join(ln + b"\n" for ln in kept.values()))
     table_data = path.with_name("table-data.list")
-    table_data.write_bytes(b"".join(ln + b"\n" for ln in items if _TABLE_DATA_ITEM.match(ln)))
-    return others, table_data, kept
+    data_items = [ln for ln in items if _TABLE_DATA_ITEM.match(ln)]
+    table_data.write_bytes(b"".join(ln + b"\n" for ln in data_items))
+    return others, table_data, kept, {int(ln.split(b";", 1)[0]) for ln in data_items}
 
 
 class EarlyCounts:

@@ -97,7 +97,7 @@ def test_parallel_restore_of_awkward_rows(runbook_db: Database, repo_dir: Path) 
         "CREATE TABLE wide_rows (id int, t text, b bytea);"
         "INSERT INTO wide_rows SELECT i, repeat(md5(i::text), 20000 * i), decode(repeat('0a00ff5c', 30000), 'hex')"
         " FROM generate_series(1, 4) i;"  # rows of 0.9 to 2.8 MB of COPY text
-        "CREATE TABLE tiny_rows (i int); INSERT INTO tiny_rows SELECT generate_series(1, 600000);"
+        "CREATE TABLE tiny_rows (i int); INSERT INTO tiny_rows SELECT generate_series(1, 1200000);"  # 8 MiB, 8 blocks
         "CREATE TABLE escaped (t text, b bytea);"
         "INSERT INTO escaped SELECT E'line\\nbreak\\ttab\\\\slash\\r\\\\.' || i, decode('0a0d0009' || lpad(to_hex(i), 8, '0'), 'hex')"
         " FROM generate_series(1, 3000) i;"
@@ -114,7 +114,10 @@ def test_parallel_restore_of_awkward_rows(runbook_db: Database, repo_dir: Path) 
         for table in tables:
             query = f"SELECT md5(string_agg(x::text, ',' ORDER BY x::text)), count(*) FROM {table} x"
             assert dst.execute(query).fetchone() == src.execute(query).fetchone(), table
-        assert dst.execute("SELECT count(DISTINCT xmin::text) FROM tiny_rows").fetchone() == (3,)
+        # Blocks go to whichever writer is free first, so how many of the three took part depends on timing;
+        # at least two did, or the cuts were never tested across connections.
+        (writers,) = dst.execute("SELECT count(DISTINCT xmin::text) FROM tiny_rows").fetchone()
+        assert writers >= 2
 
 
 def test_parallel_restore_of_a_latin1_database(pg_cluster: Cluster, repo_dir: Path) -> None:

@@ -51,7 +51,9 @@ def physical_backup(args: argparse.Namespace, ctx: Context, progress: Progress) 
                           "(replication protocol)", hint="or set BACKUP_PGDATA / BACKUP_PHYSICAL_MODE=remote")
     opts = PhysicalOptions(mode=mode, pgdata=str(args.pgdata or settings.pgdata), jobs=max(1, int(settings.jobs)),
                            verify_checksums=not getattr(args, "no_verify_checksums", False),
-                           wal_timeout=getattr(args, "wal_timeout", None) or WAL_TIMEOUT, kind=args.type)
+                           wal_timeout=getattr(args, "wal_timeout", None) or WAL_TIMEOUT, kind=args.type,
+                           page_xor=settings.incremental_xor == "on"
+                           or (settings.incremental_xor == "auto" and settings.repository_url.startswith("file://")))
     manifest = backup_physical(ctx, opts, progress)
     if manifest.options.get("fallback"):
         print(f"WARNING: backup --type {args.type}: {manifest.options['fallback']}; took a full backup instead",

@@ -54,6 +54,8 @@ FIELDS: tuple[Field, ...] = (
     _f("pg_bindir", "BACKUP_PG_BINDIR", str, "", "directory of the PostgreSQL tools: pg_dump, pg_basebackup, pg_combinebackup, pg_ctl"
        " (default: newest installed; pg_combinebackup/pg_ctl must match the backup's major)"),
     _f("pgdata", "BACKUP_PGDATA", str, "", "data directory for local physical backups"),
+    _f("incremental_xor", "BACKUP_INCREMENTAL_XOR", str, "auto", "diff/incr (local mode) store changed pages as XOR with the"
+       " reference backup's page, read back from the repository: on, off, auto (on for file:// repositories)"),
     _f("physical_mode", "BACKUP_PHYSICAL_MODE", str, "", "full/incr: local, remote, or empty (local with BACKUP_PGDATA, else logical)"),
     _f("restore_pre_hook", "BACKUP_RESTORE_PRE_HOOK", str, "", "shell command run before a restore (e.g. stop the app)"),
     _f("restore_post_hook", "BACKUP_RESTORE_POST_HOOK", str, "", "shell command run after a restore, success or not"),
@@ -203,6 +205,8 @@ def _validate(s: Settings) -> None:
     for name in ("retention_days", "incremental_retention_days", "wal_retention_days"):
         if s.values[name] < 1:
             raise ConfigError(f"{BY_NAME[name].env[0]} must be at least 1 day")
+    if s.incremental_xor not in ("auto", "on", "off"):
+        raise ConfigError("BACKUP_INCREMENTAL_XOR must be auto, on or off")
     if s.physical_mode not in ("", "local", "remote"):
         raise ConfigError("BACKUP_PHYSICAL_MODE must be local, remote or empty")
     if s.log_format not in ("text", "json"):

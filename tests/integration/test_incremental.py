@@ -62,9 +62,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     stop_clusters(base, cluster)
 
 
-def backup(env: Env, name: str, kind: str) -> dict[str, object]:
+def backup(env: Env, name: str, kind: str, **settings: str) -> dict[str, object]:
     env.states[name] = env.cluster.psql(env.snapshot)
-    res = env.cli("--json", "backup", "--type", kind, *env.where)
+    res = env.cli("--json", "backup", "--type", kind, *env.where, env=settings)
     out: dict[str, object] = json.loads(res.stdout)
     out["_stderr"] = res.stderr
     env.backups[name] = out
@@ -109,15 +109,18 @@ def test_chain_backup_and_restore(env: Env) -> None:
     accounts = c.psql("SELECT pg_relation_filepath('pgbench_accounts')")
     entry = next(f for f in p["files"] if f["path"] == accounts)
     assert entry["kind"] == "incremental" and entry["base"]["backup"] == full["id"]
+    # A file repository: changed pages are stored as XOR with the full backup's (read back from it).
+    assert 0 < p["incremental"]["pages_xor"] <= p["incremental"]["pages_stored"], p["incremental"]
 
     transactions(c, 1000)
     c.psql("VACUUM FULL pgbench_tellers")  # a new relfilenode
     c.psql("DROP TABLE dropme")
     c.psql("CREATE TABLE newtab AS SELECT g FROM generate_series(1, 30000) g")
-    incr = backup(env, "incr", "incr")
+    incr = backup(env, "incr", "incr", BACKUP_INCREMENTAL_XOR="off")  # a plain layer between XOR layers
     assert incr["type"] == "incr" and incr["parent"] == diff["id"]
     p = incr["physical"]
     assert isinstance(p, dict) and p["chain"] == [full["id"], diff["id"], incr["id"]]
+    assert p["incremental"]["pages_xor"] == 0 < p["incremental"]["pages_stored"], p["incremental"]
     tellers = c.psql("SELECT pg_relation_filepath('pgbench_tellers')")
     assert next(f for f in p["files"] if f["path"] == tellers)["kind"] == "full"  # new file: stored whole
 
@@ -128,6 +131,7 @@ def test_chain_backup_and_restore(env: Env) -> None:
     assert int(incr2["plain_bytes"]) < 0.5 * int(full["plain_bytes"])  # type: ignore[call-overload]
     stats = incr2["physical"]["incremental"]  # type: ignore[index]
     assert stats["pages_stored"] < stats["pages_read"] / 4, stats
+    assert stats["pages_xor"] > 0, stats  # XOR with pages the previous, plain layer stored
 
     transactions(c, 100)  # after the chain: restores must not see these
     wait_archived(c)
@@ -186,3 +190,46 @@ def test_merge_newest_wins_truncates_and_extends() -> None:
     # page selection: changed (LSN >= start), zero LSN, and blocks beyond the reference size
     chunk = page(0, lsn=5) + page(1, lsn=50) + bytes(bs) + page(3, lsn=5)
     assert [b for b, _ in select_pages(chunk, 0, 3, 10, bs)] == [1, 2, 3]
+
+
+def test_merge_applies_xor_layers() -> None:
+    """Pure: a version-2 delta holds XOR with the previous layer's page below its reference size and plain
+    pages from there on; a plain (version-1) layer in between resets what later XORs apply to."""
+    import hashlib
+
+    from saveit_backup.ops.incremental import ByteStream, delta_header, delta_trailer, merge_file, xor_pages
+
+    bs = 16
+
+    def page(tag: int) -> bytes:
+        return bytes([tag]) * bs
+
+    def delta(records: list[tuple[int, bytes]], ref_blocks: int | None) -> bytes:
+        return delta_header(bs, ref_blocks) + b"".join(n.to_bytes(4, "big") + p for n, p in records) + delta_trailer()
+
+    def ref(data: bytes) -> dict[str, object]:
+        return {"backup": "x", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+    def merge(size: int, base: bytes, deltas: list[bytes]) -> bytes:
+        entry = {"path": "base/1/2", "size": size * bs, "block_size": bs, "base": ref(base), "deltas": [ref(d) for d in deltas]}
+        out: list[bytes] = []
+        merge_file(entry, ByteStream([base]), [(ByteStream([d]), r) for d, r in zip(deltas, entry["deltas"], strict=True)],  # type: ignore[arg-type]
+                   out.append)
+        return b"".join(out)
+
+    base = page(1) + page(2) + page(3)
+    # layer 1 (XOR, reference of 3 blocks): block 0 becomes 11, block 3 is new (plain)
+    d1 = delta([(0, xor_pages(page(1), page(11))), (3, page(14))], 3)
+    # layer 2 (plain): block 0 becomes 21
+    d2 = delta([(0, page(21))], None)
+    # layer 3 (XOR, reference of 4 blocks): blocks 0 and 3 change again, block 4 is new
+    d3 = delta([(0, xor_pages(page(21), page(31))), (3, xor_pages(page(14), page(34))), (4, page(35))], 4)
+    assert merge(4, base, [d1]) == page(11) + page(2) + page(3) + page(14)
+    assert merge(4, base, [d1, d2]) == page(21) + page(2) + page(3) + page(14)
+    assert merge(5, base, [d1, d2, d3]) == page(31) + page(2) + page(3) + page(34) + page(35)
+    # An XOR record is not a page: over another previous layer it gives another page.
+    assert merge(5, base, [d1, d3])[:bs] == xor_pages(page(11), xor_pages(page(21), page(31))) != page(31)
+    # An unknown delta version is refused.
+    bad = b"SVBK\x03" + d1[5:]
+    with pytest.raises(Exception, match="not a block delta of version"):
+        merge(4, base, [bad])

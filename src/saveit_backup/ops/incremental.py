@@ -40,8 +40,10 @@ from saveit_backup.repo.repository import Repository
 log = logging.getLogger(__name__)
 
 DELTA_MAGIC = b"SVBK"
-DELTA_VERSION = 1
+DELTA_PLAIN = 1  # records are the pages themselves
+DELTA_XOR = 2  # records below the reference's size are XOR with the reference's page
 _DELTA_HEADER = struct.Struct(">4sB3xI")  # magic, version, pad, block size
+_REF_BLOCKS = struct.Struct(">I")  # version 2: the reference file's size in blocks, after the header
 _BLOCKNO = struct.Struct(">I")
 _END = 0xFFFFFFFF
 _LSN = struct.Struct("<II")
@@ -139,8 +141,18 @@ def find_reference(repo: Repository, kind: str, system_identifier: str, timeline
 
 
 # --- the block-delta format ----------------------------------------------------------------------
-def delta_header(block_size: int) -> bytes:
-    return _DELTA_HEADER.pack(DELTA_MAGIC, DELTA_VERSION, block_size)
+def delta_header(block_size: int, ref_blocks: int | None = None) -> bytes:
+    """Version 1 (pages as they are), or version 2 when ``ref_blocks`` is given (XOR below it)."""
+    if ref_blocks is None:
+        return _DELTA_HEADER.pack(DELTA_MAGIC, DELTA_PLAIN, block_size)
+    return _DELTA_HEADER.pack(DELTA_MAGIC, DELTA_XOR, block_size) + _REF_BLOCKS.pack(ref_blocks)
+
+
+def xor_pages(a: bytes | memoryview, b: bytes | memoryview) -> bytes:
+    """Byte-wise XOR of two equal-length buffers (pages, or runs of pages)."""
+    import numpy as np
+
+    return np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)).tobytes()
 
 
 def delta_trailer() -> bytes:
@@ -202,29 +214,48 @@ class ByteStream:
             pass
 
 
-def read_delta(stream: ByteStream, what: str) -> Iterator[tuple[int, bytes]]:
-    """(block number, page) records of a block delta, ascending."""
-    head = stream.read(_DELTA_HEADER.size)
-    if len(head) != _DELTA_HEADER.size:
-        raise IntegrityError(f"{what}: truncated block delta")
-    magic, version, block_size = _DELTA_HEADER.unpack(head)
-    if magic != DELTA_MAGIC or version != DELTA_VERSION:
-        raise IntegrityError(f"{what}: not a block delta of version {DELTA_VERSION}")
-    last = -1
-    while True:
-        raw = stream.read(4)
+class DeltaReader:
+    """The (block number, record) pairs of one block delta, ascending; ``head`` is the next one or None.
+    ``xor_below``: records of blocks under it are XOR with the previous layer's page (0 for version 1)."""
+
+    def __init__(self, stream: ByteStream, what: str) -> None:
+        head = stream.read(_DELTA_HEADER.size)
+        if len(head) != _DELTA_HEADER.size:
+            raise IntegrityError(f"{what}: truncated block delta")
+        magic, version, self.block_size = _DELTA_HEADER.unpack(head)
+        if magic != DELTA_MAGIC or version not in (DELTA_PLAIN, DELTA_XOR):
+            raise IntegrityError(f"{what}: not a block delta of version {DELTA_PLAIN} or {DELTA_XOR}",
+                                 hint="written by a newer saveit-backup? restore with that version")
+        self.xor_below = 0
+        if version == DELTA_XOR:
+            raw = stream.read(_REF_BLOCKS.size)
+            if len(raw) != _REF_BLOCKS.size:
+                raise IntegrityError(f"{what}: truncated block delta")
+            (self.xor_below,) = _REF_BLOCKS.unpack(raw)
+        self.stream, self.what = stream, what
+        self.last = -1
+        self.head: tuple[int, bytes] | None = None
+        self.advance()
+
+    def advance(self) -> None:
+        raw = self.stream.read(4)
         if len(raw) != 4:
-            raise IntegrityError(f"{what}: block delta ends without its end marker")
+            raise IntegrityError(f"{self.what}: block delta ends without its end marker")
         (blk,) = _BLOCKNO.unpack(raw)
         if blk == _END:
+            self.head = None
             return
-        if blk <= last:
-            raise IntegrityError(f"{what}: block delta is not sorted (block {blk} after {last})")
-        page = stream.read(block_size)
-        if len(page) != block_size:
-            raise IntegrityError(f"{what}: truncated page {blk} in block delta")
-        last = blk
-        yield blk, page
+        if blk <= self.last:
+            raise IntegrityError(f"{self.what}: block delta is not sorted (block {blk} after {self.last})")
+        page = self.stream.read(self.block_size)
+        if len(page) != self.block_size:
+            raise IntegrityError(f"{self.what}: truncated page {blk} in block delta")
+        self.last = blk
+        self.head = (blk, page)
+
+    def drain(self) -> None:
+        while self.head is not None:
+            self.advance()
 
 
 # --- backup: producing the entries of a diff/incr ------------------------------------------------
@@ -245,6 +276,7 @@ class IncrStats:
     files_unchanged: int = 0
     pages_read: int = 0
     pages_stored: int = 0
+    pages_xor: int = 0
 
     def add(self, **kw: int) -> None:
         with self.lock:
@@ -253,18 +285,32 @@ class IncrStats:
 
     def to_dict(self) -> dict[str, int]:
         return {"files_full": self.files_full, "files_incremental": self.files_delta, "files_unchanged": self.files_unchanged,
-                "pages_read": self.pages_read, "pages_stored": self.pages_stored}
+                "pages_read": self.pages_read, "pages_stored": self.pages_stored, "pages_xor": self.pages_xor}
+
+
+def _read_at(stream: ByteStream, offset: int, n: int, path: str) -> bytes:
+    """``n`` bytes at ``offset`` of a forward-only stream (skipping what lies before)."""
+    while stream.consumed < offset:
+        if not stream.read(min(1 << 20, offset - stream.consumed)):
+            break
+    data = stream.read(n) if stream.consumed == offset else b""
+    if len(data) != n:
+        raise IntegrityError(f"{path}: the reference backup's copy is shorter than its manifest says",
+                             hint="take a full backup (backup --type full)")
+    return data
 
 
 class DeltaProducer:
     """Reads PGDATA files for a diff/incr and yields the bytes to store for each (maybe none)."""
 
-    def __init__(self, reader: Any, ref: Reference, bid: str, block_size: int, blocks_per_segment: int) -> None:
+    def __init__(self, reader: Any, ref: Reference, bid: str, block_size: int, blocks_per_segment: int,
+                 open_reference: Callable[[dict[str, Any]], ByteStream] | None = None) -> None:
         self.reader = reader  # physical.FileReader
         self.ref = ref
         self.bid = bid
         self.block_size = block_size
         self.blocks_per_segment = blocks_per_segment
+        self.open_reference = open_reference  # the reference's content of a file: XOR deltas (version 2) when set
         self.stats = IncrStats()
 
     def _open(self, work: IncrementalWork) -> int | None:
@@ -333,12 +379,15 @@ class DeltaProducer:
         ref_blocks = int(ref["size"]) // bs
         segno = pagecheck.relation_segment(e.path) or 0
         checking = self.reader.checks.enabled and bs == pagecheck.BLCKSZ
+        xor = self.open_reference is not None and ref_blocks > 0
+        reference: ByteStream | None = None  # opened at the first changed page the reference has
         h = hashlib.sha256()
         dh = hashlib.sha256()
         size = 0
         stored = 0
         pages = 0
         kept = 0
+        xored = 0
         started = False
         while chunk := os.pread(fd, READ_BLOCKS * bs, size):
             if len(chunk) % bs:  # a page being appended right now: keep whole pages, WAL replay has the rest
@@ -351,20 +400,31 @@ class DeltaProducer:
             h.update(chunk)
             size += len(chunk)
             pages += len(chunk) // bs
-            for blk, page in select_pages(chunk, first, ref_blocks, self.ref.start_lsn, bs):
+            selected = select_pages(chunk, first, ref_blocks, self.ref.start_lsn, bs)
+            old = b""
+            if xor and selected and selected[0][0] < ref_blocks:
+                if reference is None:
+                    assert self.open_reference is not None
+                    reference = self.open_reference(ref)
+                old = _read_at(reference, first * bs, min(len(chunk), (ref_blocks - first) * bs), e.path)
+            for blk, page in selected:
                 if not started:
-                    head = delta_header(bs)
+                    head = delta_header(bs, ref_blocks if xor else None)
                     dh.update(head)
                     stored += len(head)
                     started = True
                     yield head
+                at = (blk - first) * bs
+                if at < len(old):
+                    page = xor_pages(page, old[at : at + bs])
+                    xored += 1
                 rec = _BLOCKNO.pack(blk) + page
                 dh.update(rec)
                 stored += len(rec)
                 kept += 1
                 yield rec
         e.size, e.sha256 = size, h.hexdigest()
-        self.stats.add(pages_read=pages, pages_stored=kept)
+        self.stats.add(pages_read=pages, pages_stored=kept, pages_xor=xored)
         if not started and size == int(ref["size"]):
             work.out = ref | {"mode": e.mode, "mtime": int(e.mtime)}
             self.stats.add(files_unchanged=1)
@@ -463,33 +523,43 @@ def slice_bytes(repo: Repository, cache: PackCache, ref: dict[str, Any], length:
     return ByteStream([bytes(view[i : i + (1 << 20)]) for i in range(0, length, 1 << 20)] if length else [])
 
 
-def merge_file(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]],
-               write: Callable[[bytes], object]) -> int:
-    """Stream-merge base + deltas (oldest first) into ``write``; returns the bytes written."""
+def merged(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]]) -> Iterator[bytes]:
+    """The file ``entry`` describes, streamed: base + deltas (oldest first) merged block by block.  A block's
+    value is the newest layer's plain record, or the base's page, with the XOR records of every newer layer
+    applied.  SHA-256 of the base and of every delta is checked once they are read through."""
     bs = int(entry["block_size"])
-    size = int(entry["size"])
-    nblocks = size // bs
+    nblocks = int(entry["size"]) // bs
     base_blocks = int(entry["base"]["size"]) // bs
-    iters = [read_delta(s, f"backup {d['backup']} delta of {entry['path']}") for s, d in deltas]
-    heads: list[tuple[int, bytes] | None] = [next(it, None) for it in iters]
+    layers = [DeltaReader(s, f"backup {d['backup']} delta of {entry['path']}") for s, d in deltas]
+    for layer in layers:
+        if layer.block_size != bs:
+            raise IntegrityError(f"{layer.what}: block size {layer.block_size}, the manifest says {bs}")
     blk = 0
-    written = 0
     while blk < nblocks:
-        page = None
-        for i in range(len(heads) - 1, -1, -1):  # newest first
-            head = heads[i]
-            if head is not None and head[0] == blk:
+        hits = [layer for layer in layers if layer.head is not None and layer.head[0] == blk]
+        if hits:
+            below = base.read(bs) if blk < base_blocks else None  # the base stays in step
+            page: bytes | None = None
+            xors: list[bytes] = []
+            for layer in reversed(hits):  # newest first; every hit layer moves on
+                assert layer.head is not None
+                record = layer.head[1]
+                layer.advance()
                 if page is None:
-                    page = head[1]
-                heads[i] = next(iters[i], None)
-        if page is not None:
-            if blk < base_blocks:
-                base.read(bs)  # keep the base stream in step
-            write(page)
-            written += bs
+                    if blk < layer.xor_below:
+                        xors.append(record)
+                    else:
+                        page = record
+            if page is None:
+                if below is None or len(below) != bs:
+                    raise IntegrityError(f"{entry['path']}: block {blk} is in no backup of the chain")
+                page = below
+            for record in xors:
+                page = xor_pages(page, record)
+            yield page
             blk += 1
             continue
-        upto = min([h[0] for h in heads if h is not None] + [nblocks])
+        upto = min([layer.head[0] for layer in layers if layer.head is not None] + [nblocks])
         if upto > base_blocks:
             raise IntegrityError(f"{entry['path']}: block {max(blk, base_blocks)} is in no backup of the chain")
         while blk < upto:
@@ -497,26 +567,32 @@ def merge_file(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteS
             data = base.read(n * bs)
             if len(data) != n * bs:
                 raise IntegrityError(f"{entry['path']}: base of backup {entry['base']['backup']} is truncated")
-            write(data)
-            written += len(data)
+            yield data
             blk += n
     base.drain()
-    for i, it in enumerate(iters):
-        if heads[i] is not None:
-            for _ in it:
-                pass
+    for layer in layers:
+        layer.drain()
     for s, d in [(base, entry["base"]), *((s, d) for s, d in deltas)]:
         assert s.hash is not None
         if s.hash.hexdigest() != d["sha256"]:
             raise IntegrityError(f"{entry['path']}: {'delta' if d is not entry['base'] else 'base'} from backup "
                                  f"{d['backup']} fails its SHA-256 check")
+
+
+def merge_file(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]],
+               write: Callable[[bytes], object]) -> int:
+    """Stream-merge base + deltas (oldest first) into ``write``; returns the bytes written."""
+    written = 0
+    for data in merged(entry, base, deltas):
+        write(data)
+        written += len(data)
     return written
 
 
-def restore_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], dest: str, open_lock: threading.Lock) -> int:
-    """Rebuild one file of a chain.  At most two storage streams are held at once (the base and the biggest
-    delta when they have objects of their own); everything else is read into memory first, so threads never
-    wait for a storage permit while holding more than one (the storage stack limits open streams)."""
+def open_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], open_lock: threading.Lock) -> Iterator[bytes]:
+    """The content of an ``incremental`` entry.  At most two storage streams are held at once (the base and
+    the biggest delta when they have objects of their own); everything else is read into memory first, so
+    threads never wait for a storage permit while holding more than one (the storage stack limits open streams)."""
     base_ref = entry["base"]
     base_len = int(base_ref.get("length", base_ref["size"]))
     big = [d for d in entry["deltas"] if _own(d) and int(d["length"]) > STREAM_DELTA]
@@ -528,9 +604,27 @@ def restore_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], de
             base = ByteStream(repo.read_object(layout.object_key(base_ref["backup"], base_ref["object"])))
         if streamed is not None:
             held[id(streamed)] = ByteStream(repo.read_object(layout.object_key(streamed["backup"], streamed["object"])))
-    deltas = [(held[id(d)], d) for d in entry["deltas"]]
+    return merged(entry, base, [(held[id(d)], d) for d in entry["deltas"]])
+
+
+def open_entry(repo: Repository, cache: PackCache, entry: dict[str, Any], open_lock: threading.Lock) -> ByteStream:
+    """Any resolved file entry (``kind`` full or incremental) as a stream of the file's bytes."""
+    if entry["kind"] == "incremental":
+        return ByteStream(open_merged(repo, cache, entry, open_lock), hashing=False)
+    length = int(entry.get("length", entry["size"]))
+    if _own(entry):
+        with open_lock:
+            return ByteStream(repo.read_object(layout.object_key(entry["backup"], entry["object"])), hashing=False)
+    return slice_bytes(repo, cache, entry, length)
+
+
+def restore_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], dest: str, open_lock: threading.Lock) -> int:
+    """Rebuild one file of a chain at ``dest``."""
+    n = 0
     with open(dest, "wb") as out:
-        n = merge_file(entry, base, deltas, out.write)
+        for data in open_merged(repo, cache, entry, open_lock):
+            out.write(data)
+            n += len(data)
     os.chmod(dest, int(entry.get("mode", 0o600)) & 0o777 or 0o600)
     if entry.get("mtime"):
         os.utime(dest, (entry["mtime"], entry["mtime"]))

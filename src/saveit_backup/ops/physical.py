@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 READ_SIZE = 4 << 20  # bigger reads: fewer Python-level steps per byte (checksums, hashing, zstd)
 BIG_FILE = 1 << 20  # files at least this big are objects of their own
 PACK_TARGET = 16 << 20  # small files are bundled into packs of about this size
+REFERENCE_CACHE = 64 << 20  # diff/incr with page XOR: decoded reference packs kept in memory
 WAL_TIMEOUT = 300.0  # seconds to wait for the backup's WAL to reach the repository
 MAX_BAD_PAGES = 1000  # recorded per backup; the count goes on
 
@@ -83,6 +84,7 @@ class PhysicalOptions:
     wal_timeout: float = WAL_TIMEOUT
     server_compression: bool = True
     kind: str = "full"  # "full" | "diff" | "incr" (block-level, ops/incremental.py)
+    page_xor: bool = False  # diff/incr: changed pages stored as XOR with the reference's page (reads the reference)
 
 
 @dataclass
@@ -461,7 +463,15 @@ def _local(repo: Repository, conn: Any, facts: ServerFacts, control: dict[str, A
             objects = list(pool.map(lambda item: _store_object(repo, bid, item[0], item[1], reader, options), plan))
         files = [f.to_dict() for f in found.files]
     else:
-        producer = incremental.DeltaProducer(reader, ref, bid, int(control["block_size"]), int(control["blocks_per_segment"]))
+        open_reference = None
+        if opts.page_xor:  # changed pages stored as XOR with the reference's: read back from the repository
+            cache, lock = incremental.PackCache(repo, REFERENCE_CACHE), threading.Lock()
+
+            def open_reference(entry: dict[str, Any]) -> incremental.ByteStream:
+                return incremental.open_entry(repo, cache, entry, lock)
+
+        producer = incremental.DeltaProducer(reader, ref, bid, int(control["block_size"]), int(control["blocks_per_segment"]),
+                                             open_reference)
         works = {id(f): incremental.IncrementalWork(f, ref.files.get(f.path)) for f in found.files}
 
         def one(item: tuple[str, list[FileEntry]]) -> ObjectEntry | None:

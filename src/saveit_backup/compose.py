@@ -37,7 +37,9 @@ def build_storage(settings: Settings) -> Storage:
     url = settings.repository_url
     s3 = s3_options(settings) if url.startswith("s3://") else None
     inner = open_storage(url, s3)
-    return RetryingStorage(LimitedStorage(inner, max(4, settings.jobs * 2)))
+    # Enough permits that no worker waits while holding what another needs: a diff/incr backup thread holds
+    # its upload plus, with page XOR, its reference's base and one streamed delta (3); a restore thread 2.
+    return RetryingStorage(LimitedStorage(inner, max(4, settings.jobs * 3)))
 
 
 def build_keyring(settings: Settings) -> Keyring:

@@ -165,7 +165,7 @@ def test_merge_newest_wins_truncates_and_extends() -> None:
     """Pure: base of 6 blocks; delta 1 truncates to 3 blocks and changes block 1; delta 2 extends to 5 and changes 1 again."""
     import hashlib
 
-    from saveit_backup.ops.incremental import ByteStream, delta_header, delta_trailer, merge_file, select_pages
+    from saveit_backup.ops.incremental import ByteStream, changed_rows, delta_header, delta_trailer, merge_file
 
     bs = 16
 
@@ -180,7 +180,7 @@ def test_merge_newest_wins_truncates_and_extends() -> None:
     d2 = delta([(1, page(201)), (3, page(203)), (4, page(204))])
 
     def ref(data: bytes) -> dict[str, object]:
-        return {"backup": "x", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        return {"backup": "x", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "length": len(data)}
 
     entry = {"path": "base/1/2", "size": 5 * bs, "block_size": bs, "base": ref(base), "deltas": [ref(d1), ref(d2)]}
     out: list[bytes] = []
@@ -189,15 +189,26 @@ def test_merge_newest_wins_truncates_and_extends() -> None:
     assert b"".join(out) == page(0) + page(201) + page(2) + page(203) + page(204)
     # page selection: changed (LSN >= start), zero LSN, and blocks beyond the reference size
     chunk = page(0, lsn=5) + page(1, lsn=50) + bytes(bs) + page(3, lsn=5)
-    assert [b for b, _ in select_pages(chunk, 0, 3, 10, bs)] == [1, 2, 3]
+    assert list(changed_rows(chunk, 0, 3, 10, bs)) == [1, 2, 3]
+    assert list(changed_rows(chunk, 8, 3, 10, bs)) == [0, 1, 2, 3]  # all beyond the reference's size
 
 
-def test_merge_applies_xor_layers() -> None:
+@pytest.mark.parametrize("run_blocks", [128, 2, 1])
+def test_merge_applies_xor_layers(run_blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pure: a version-2 delta holds XOR with the previous layer's page below its reference size and plain
-    pages from there on; a plain (version-1) layer in between resets what later XORs apply to."""
+    pages from there on; a plain (version-1) layer in between resets what later XORs apply to.  Runs and
+    record batches of 1 and 2 blocks cross every boundary."""
     import hashlib
 
-    from saveit_backup.ops.incremental import ByteStream, delta_header, delta_trailer, merge_file, xor_pages
+    from saveit_backup.ops import incremental
+
+    monkeypatch.setattr(incremental, "READ_BLOCKS", run_blocks)
+
+    from saveit_backup.errors import IntegrityError
+    from saveit_backup.ops.incremental import ByteStream, delta_header, delta_trailer, merge_file
+
+    def xor_pages(a: bytes, b: bytes) -> bytes:
+        return bytes(x ^ y for x, y in zip(a, b, strict=True))
 
     bs = 16
 
@@ -208,7 +219,7 @@ def test_merge_applies_xor_layers() -> None:
         return delta_header(bs, ref_blocks) + b"".join(n.to_bytes(4, "big") + p for n, p in records) + delta_trailer()
 
     def ref(data: bytes) -> dict[str, object]:
-        return {"backup": "x", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        return {"backup": "x", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "length": len(data)}
 
     def merge(size: int, base: bytes, deltas: list[bytes]) -> bytes:
         entry = {"path": "base/1/2", "size": size * bs, "block_size": bs, "base": ref(base), "deltas": [ref(d) for d in deltas]}
@@ -229,7 +240,10 @@ def test_merge_applies_xor_layers() -> None:
     assert merge(5, base, [d1, d2, d3]) == page(31) + page(2) + page(3) + page(34) + page(35)
     # An XOR record is not a page: over another previous layer it gives another page.
     assert merge(5, base, [d1, d3])[:bs] == xor_pages(page(11), xor_pages(page(21), page(31))) != page(31)
-    # An unknown delta version is refused.
-    bad = b"SVBK\x03" + d1[5:]
-    with pytest.raises(Exception, match="not a block delta of version"):
-        merge(4, base, [bad])
+    # Damaged deltas are refused: an unknown version, unsorted blocks, a missing end marker, a wrong length.
+    for bad, message in ((b"SVBK\x03" + d1[5:], "not a block delta of version"),
+                         (delta([(3, page(14)), (0, page(11))], None), "not sorted"),
+                         (d2[:-4] + b"\0\0\0\0", "without its end marker"),
+                         (d2[:-1], "whole number")):
+        with pytest.raises(IntegrityError, match=message):
+            merge(4, base, [bad])

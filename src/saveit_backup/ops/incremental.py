@@ -46,7 +46,6 @@ _DELTA_HEADER = struct.Struct(">4sB3xI")  # magic, version, pad, block size
 _REF_BLOCKS = struct.Struct(">I")  # version 2: the reference file's size in blocks, after the header
 _BLOCKNO = struct.Struct(">I")
 _END = 0xFFFFFFFF
-_LSN = struct.Struct("<II")
 READ_BLOCKS = 128  # pages per read (1 MiB at 8 KiB)
 STREAM_DELTA = 32 << 20  # a delta bigger than this that has its own object is streamed, not read into memory
 CACHE_BYTES = 192 << 20  # decoded pack objects kept in memory during a restore
@@ -148,35 +147,21 @@ def delta_header(block_size: int, ref_blocks: int | None = None) -> bytes:
     return _DELTA_HEADER.pack(DELTA_MAGIC, DELTA_XOR, block_size) + _REF_BLOCKS.pack(ref_blocks)
 
 
-def xor_pages(a: bytes | memoryview, b: bytes | memoryview) -> bytes:
-    """Byte-wise XOR of two equal-length buffers (pages, or runs of pages)."""
-    import numpy as np
-
-    return np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)).tobytes()
-
-
 def delta_trailer() -> bytes:
     return _BLOCKNO.pack(_END)
 
 
-def page_lsn(page: bytes | memoryview, offset: int = 0) -> int:
-    hi, lo = _LSN.unpack_from(page, offset)
-    return int(hi) << 32 | int(lo)
+def changed_rows(chunk: bytes, first_block: int, ref_blocks: int, start_lsn: int, block_size: int) -> Any:
+    """Indices (into ``chunk``'s pages) of the pages to keep: changed since ``start_lsn``, all-zero LSN (new or
+    re-extended), or at or beyond the reference's size.  ``pd_lsn`` is the page's first 8 bytes (xlogid,
+    xrecoff, little-endian uint32)."""
+    import numpy as np
 
-
-def select_pages(chunk: bytes, first_block: int, ref_blocks: int, start_lsn: int, block_size: int) -> list[tuple[int, bytes]]:
-    """Pages of ``chunk`` to keep: changed since ``start_lsn``, all-zero LSN (new or re-extended), or new blocks."""
-    out = []
-    view = memoryview(chunk)
-    for off in range(0, len(chunk) - block_size + 1, block_size):
-        blk = first_block + off // block_size
-        if blk >= ref_blocks:
-            out.append((blk, bytes(view[off : off + block_size])))
-            continue
-        lsn = page_lsn(chunk, off)
-        if lsn >= start_lsn or lsn == 0:
-            out.append((blk, bytes(view[off : off + block_size])))
-    return out
+    n = len(chunk) // block_size
+    head = np.frombuffer(chunk, "<u4", count=n * block_size // 4).reshape(n, block_size // 4)[:, :2].astype(np.uint64)
+    lsn = head[:, 0] << np.uint64(32) | head[:, 1]
+    keep = (lsn >= np.uint64(start_lsn)) | (lsn == 0) | (np.arange(first_block, first_block + n) >= ref_blocks)
+    return np.flatnonzero(keep)
 
 
 class ByteStream:
@@ -215,10 +200,11 @@ class ByteStream:
 
 
 class DeltaReader:
-    """The (block number, record) pairs of one block delta, ascending; ``head`` is the next one or None.
-    ``xor_below``: records of blocks under it are XOR with the previous layer's page (0 for version 1)."""
+    """The records of one block delta of ``length`` bytes, read in batches of ``READ_BLOCKS`` and taken by
+    block range (``take_until``).  ``xor_below``: records of blocks under it are XOR with the previous
+    layer's page (0 for version 1)."""
 
-    def __init__(self, stream: ByteStream, what: str) -> None:
+    def __init__(self, stream: ByteStream, what: str, length: int) -> None:
         head = stream.read(_DELTA_HEADER.size)
         if len(head) != _DELTA_HEADER.size:
             raise IntegrityError(f"{what}: truncated block delta")
@@ -227,35 +213,75 @@ class DeltaReader:
             raise IntegrityError(f"{what}: not a block delta of version {DELTA_PLAIN} or {DELTA_XOR}",
                                  hint="written by a newer saveit-backup? restore with that version")
         self.xor_below = 0
+        body = length - _DELTA_HEADER.size - _BLOCKNO.size
         if version == DELTA_XOR:
             raw = stream.read(_REF_BLOCKS.size)
             if len(raw) != _REF_BLOCKS.size:
                 raise IntegrityError(f"{what}: truncated block delta")
             (self.xor_below,) = _REF_BLOCKS.unpack(raw)
+            body -= _REF_BLOCKS.size
+        self.record = _BLOCKNO.size + self.block_size
+        if body < 0 or body % self.record:
+            raise IntegrityError(f"{what}: {length} bytes is not a whole number of {self.block_size}-byte records")
         self.stream, self.what = stream, what
+        self.left = body // self.record  # records not read yet
         self.last = -1
-        self.head: tuple[int, bytes] | None = None
-        self.advance()
+        self.blocks: Any = None  # the current batch: block numbers (int64) and records (rows of uint8)
+        self.records: Any = None
+        self.at = 0
+        self.ended = False
 
-    def advance(self) -> None:
-        raw = self.stream.read(4)
-        if len(raw) != 4:
-            raise IntegrityError(f"{self.what}: block delta ends without its end marker")
-        (blk,) = _BLOCKNO.unpack(raw)
-        if blk == _END:
-            self.head = None
-            return
-        if blk <= self.last:
-            raise IntegrityError(f"{self.what}: block delta is not sorted (block {blk} after {self.last})")
-        page = self.stream.read(self.block_size)
-        if len(page) != self.block_size:
-            raise IntegrityError(f"{self.what}: truncated page {blk} in block delta")
-        self.last = blk
-        self.head = (blk, page)
+    def _batch(self) -> bool:
+        """Read the next batch; False at the end (after checking the end marker)."""
+        import numpy as np
+
+        if not self.left:
+            if not self.ended:
+                if self.stream.read(_BLOCKNO.size) != _BLOCKNO.pack(_END):
+                    raise IntegrityError(f"{self.what}: block delta ends without its end marker")
+                self.ended = True
+            self.blocks = None
+            return False
+        n = min(self.left, READ_BLOCKS)
+        raw = self.stream.read(n * self.record)
+        if len(raw) != n * self.record:
+            raise IntegrityError(f"{self.what}: truncated block delta")
+        rows = np.frombuffer(raw, np.uint8).reshape(n, self.record)
+        blocks = rows[:, : _BLOCKNO.size].copy().view(">u4").reshape(n).astype(np.int64)
+        if blocks[0] <= self.last or (n > 1 and not bool(np.all(blocks[1:] > blocks[:-1]))):
+            raise IntegrityError(f"{self.what}: block delta is not sorted")
+        if int(blocks[-1]) == _END:
+            raise IntegrityError(f"{self.what}: end marker inside the block delta")
+        self.left -= n
+        self.last = int(blocks[-1])
+        self.blocks, self.records, self.at = blocks, rows[:, _BLOCKNO.size :], 0
+        return True
+
+    def next_block(self) -> int | None:
+        """The block number of the next record, or None after the last."""
+        if (self.blocks is None or self.at == len(self.blocks)) and not self._batch():
+            return None
+        return int(self.blocks[self.at])
+
+    def take_until(self, end: int) -> tuple[Any, Any]:
+        """The records of blocks below ``end``: (block numbers, records as rows), consumed."""
+        import numpy as np
+
+        blocks, records = [], []
+        while (nxt := self.next_block()) is not None and nxt < end:
+            stop = self.at + int(np.searchsorted(self.blocks[self.at :], end))
+            blocks.append(self.blocks[self.at : stop])
+            records.append(self.records[self.at : stop])
+            self.at = stop
+        if len(blocks) == 1:
+            return blocks[0], records[0]
+        if not blocks:
+            return np.empty(0, np.int64), np.empty((0, self.block_size), np.uint8)
+        return np.concatenate(blocks), np.concatenate(records)
 
     def drain(self) -> None:
-        while self.head is not None:
-            self.advance()
+        while self.next_block() is not None:
+            self.at = len(self.blocks)
 
 
 # --- backup: producing the entries of a diff/incr ------------------------------------------------
@@ -288,29 +314,32 @@ class IncrStats:
                 "pages_read": self.pages_read, "pages_stored": self.pages_stored, "pages_xor": self.pages_xor}
 
 
-def _read_at(stream: ByteStream, offset: int, n: int, path: str) -> bytes:
-    """``n`` bytes at ``offset`` of a forward-only stream (skipping what lies before)."""
-    while stream.consumed < offset:
-        if not stream.read(min(1 << 20, offset - stream.consumed)):
-            break
-    data = stream.read(n) if stream.consumed == offset else b""
-    if len(data) != n:
-        raise IntegrityError(f"{path}: the reference backup's copy is shorter than its manifest says",
-                             hint="take a full backup (backup --type full)")
-    return data
+def _records(chunk: bytes, first: int, rows: Any, block_size: int, old: bytes | memoryview | None) -> bytes:
+    """Delta records of ``chunk``'s pages ``rows`` (block number, then the page); XOR with ``old``, the
+    reference's same blocks, where it has them."""
+    import numpy as np
+
+    out = np.empty((len(rows), _BLOCKNO.size + block_size), np.uint8)
+    out[:, _BLOCKNO.size :] = np.frombuffer(chunk, np.uint8).reshape(-1, block_size)[rows]
+    out[:, : _BLOCKNO.size] = (rows + first).astype(">u4").view(np.uint8).reshape(len(rows), _BLOCKNO.size)
+    if old is not None:
+        ref_pages = np.frombuffer(old, np.uint8).reshape(-1, block_size)
+        inside = rows < len(ref_pages)
+        out[inside, _BLOCKNO.size :] ^= ref_pages[rows[inside]]
+    return out.tobytes()
 
 
 class DeltaProducer:
     """Reads PGDATA files for a diff/incr and yields the bytes to store for each (maybe none)."""
 
     def __init__(self, reader: Any, ref: Reference, bid: str, block_size: int, blocks_per_segment: int,
-                 open_reference: Callable[[dict[str, Any]], ByteStream] | None = None) -> None:
+                 open_reference: Callable[[dict[str, Any]], Iterator[bytes | memoryview]] | None = None) -> None:
         self.reader = reader  # physical.FileReader
         self.ref = ref
         self.bid = bid
         self.block_size = block_size
         self.blocks_per_segment = blocks_per_segment
-        self.open_reference = open_reference  # the reference's content of a file: XOR deltas (version 2) when set
+        self.open_reference = open_reference  # a file's reference content in runs of READ_BLOCKS: XOR deltas when set
         self.stats = IncrStats()
 
     def _open(self, work: IncrementalWork) -> int | None:
@@ -380,7 +409,8 @@ class DeltaProducer:
         segno = pagecheck.relation_segment(e.path) or 0
         checking = self.reader.checks.enabled and bs == pagecheck.BLCKSZ
         xor = self.open_reference is not None and ref_blocks > 0
-        reference: ByteStream | None = None  # opened at the first changed page the reference has
+        windows: Iterator[bytes | memoryview] | None = None  # the reference, from its first changed page on
+        window_no = 0  # windows (READ_BLOCKS blocks each) taken from ``windows``
         h = hashlib.sha256()
         dh = hashlib.sha256()
         size = 0
@@ -400,29 +430,32 @@ class DeltaProducer:
             h.update(chunk)
             size += len(chunk)
             pages += len(chunk) // bs
-            selected = select_pages(chunk, first, ref_blocks, self.ref.start_lsn, bs)
-            old = b""
-            if xor and selected and selected[0][0] < ref_blocks:
-                if reference is None:
+            rows = changed_rows(chunk, first, ref_blocks, self.ref.start_lsn, bs)
+            if not len(rows):
+                continue
+            if not started:
+                head = delta_header(bs, ref_blocks if xor else None)
+                dh.update(head)
+                stored += len(head)
+                started = True
+                yield head
+            old = None
+            if xor and first + int(rows[0]) < ref_blocks:
+                if windows is None:
                     assert self.open_reference is not None
-                    reference = self.open_reference(ref)
-                old = _read_at(reference, first * bs, min(len(chunk), (ref_blocks - first) * bs), e.path)
-            for blk, page in selected:
-                if not started:
-                    head = delta_header(bs, ref_blocks if xor else None)
-                    dh.update(head)
-                    stored += len(head)
-                    started = True
-                    yield head
-                at = (blk - first) * bs
-                if at < len(old):
-                    page = xor_pages(page, old[at : at + bs])
-                    xored += 1
-                rec = _BLOCKNO.pack(blk) + page
-                dh.update(rec)
-                stored += len(rec)
-                kept += 1
-                yield rec
+                    windows = self.open_reference(ref)
+                while window_no <= first // READ_BLOCKS:  # chunks and windows both start at multiples of READ_BLOCKS
+                    old = next(windows, None)
+                    window_no += 1
+                    if old is None:
+                        raise IntegrityError(f"{e.path}: the reference backup's copy is shorter than its manifest says",
+                                             hint="take a full backup (backup --type full)")
+            records = _records(chunk, first, rows, bs, old)
+            xored += 0 if old is None else int(sum(rows < len(old) // bs))
+            dh.update(records)
+            stored += len(records)
+            kept += len(rows)
+            yield records
         e.size, e.sha256 = size, h.hexdigest()
         self.stats.add(pages_read=pages, pages_stored=kept, pages_xor=xored)
         if not started and size == int(ref["size"]):
@@ -509,7 +542,7 @@ def _own(ref: dict[str, Any]) -> bool:
     return bool(ref.get("own")) or (int(ref.get("offset", 0)) == 0 and str(ref["object"]).startswith("f"))
 
 
-def slice_bytes(repo: Repository, cache: PackCache, ref: dict[str, Any], length: int) -> ByteStream:
+def slice_bytes(repo: Repository, cache: PackCache, ref: dict[str, Any], length: int, hashing: bool = True) -> ByteStream:
     """The bytes of one file (or delta) inside an object, read into memory (packs through the cache)."""
     backup, name, offset = ref["backup"], ref["object"], int(ref.get("offset", 0))
     if _own(ref):
@@ -520,67 +553,64 @@ def slice_bytes(repo: Repository, cache: PackCache, ref: dict[str, Any], length:
     if offset + length > len(data):
         raise IntegrityError(f"backup {backup}: object {name} is shorter than the manifest says")
     view = memoryview(data)[offset : offset + length]
-    return ByteStream([bytes(view[i : i + (1 << 20)]) for i in range(0, length, 1 << 20)] if length else [])
+    return ByteStream([bytes(view[i : i + (1 << 20)]) for i in range(0, length, 1 << 20)] if length else [], hashing)
 
 
-def merged(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]]) -> Iterator[bytes]:
-    """The file ``entry`` describes, streamed: base + deltas (oldest first) merged block by block.  A block's
-    value is the newest layer's plain record, or the base's page, with the XOR records of every newer layer
-    applied.  SHA-256 of the base and of every delta is checked once they are read through."""
+def merged(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]]) -> Iterator[bytes | memoryview]:
+    """The file ``entry`` describes, streamed in runs of ``READ_BLOCKS`` blocks: the base's blocks with each
+    delta's records applied in turn, oldest first (a page replaces the block, an XOR record is XORed into
+    it).  SHA-256 of the base and of every delta is checked once they are read through."""
+    import numpy as np
+
     bs = int(entry["block_size"])
     nblocks = int(entry["size"]) // bs
     base_blocks = int(entry["base"]["size"]) // bs
-    layers = [DeltaReader(s, f"backup {d['backup']} delta of {entry['path']}") for s, d in deltas]
+    layers = [DeltaReader(s, f"backup {d['backup']} delta of {entry['path']}", int(d["length"])) for s, d in deltas]
     for layer in layers:
         if layer.block_size != bs:
             raise IntegrityError(f"{layer.what}: block size {layer.block_size}, the manifest says {bs}")
-    blk = 0
-    while blk < nblocks:
-        hits = [layer for layer in layers if layer.head is not None and layer.head[0] == blk]
-        if hits:
-            below = base.read(bs) if blk < base_blocks else None  # the base stays in step
-            page: bytes | None = None
-            xors: list[bytes] = []
-            for layer in reversed(hits):  # newest first; every hit layer moves on
-                assert layer.head is not None
-                record = layer.head[1]
-                layer.advance()
-                if page is None:
-                    if blk < layer.xor_below:
-                        xors.append(record)
-                    else:
-                        page = record
-            if page is None:
-                if below is None or len(below) != bs:
-                    raise IntegrityError(f"{entry['path']}: block {blk} is in no backup of the chain")
-                page = below
-            for record in xors:
-                page = xor_pages(page, record)
-            yield page
-            blk += 1
-            continue
-        upto = min([layer.head[0] for layer in layers if layer.head is not None] + [nblocks])
-        if upto > base_blocks:
-            raise IntegrityError(f"{entry['path']}: block {max(blk, base_blocks)} is in no backup of the chain")
-        while blk < upto:
-            n = min(upto - blk, READ_BLOCKS)
-            data = base.read(n * bs)
-            if len(data) != n * bs:
-                raise IntegrityError(f"{entry['path']}: base of backup {entry['base']['backup']} is truncated")
+    for start in range(0, nblocks, READ_BLOCKS):
+        end = min(nblocks, start + READ_BLOCKS)
+        have = max(0, min(end, base_blocks) - start)  # blocks of this run the base holds
+        data = base.read(have * bs)
+        if len(data) != have * bs:
+            raise IntegrityError(f"{entry['path']}: base of backup {entry['base']['backup']} is truncated")
+        if not any((nxt := layer.next_block()) is not None and nxt < end for layer in layers):
+            if have < end - start:
+                raise IntegrityError(f"{entry['path']}: block {start + have} is in no backup of the chain")
             yield data
-            blk += n
+            continue
+        pages = np.zeros((end - start, bs), np.uint8)
+        pages.reshape(-1)[: len(data)] = np.frombuffer(data, np.uint8)
+        present = np.zeros(end - start, bool)
+        present[:have] = True
+        for layer in layers:
+            blocks, recs = layer.take_until(end)
+            if not len(blocks):
+                continue
+            xor = blocks < layer.xor_below
+            idx = blocks - start
+            if xor.any():
+                if not present[idx[xor]].all():
+                    missing = int(idx[xor][~present[idx[xor]]][0]) + start
+                    raise IntegrityError(f"{entry['path']}: block {missing} is in no backup of the chain")
+                pages[idx[xor]] ^= recs[xor]
+            pages[idx[~xor]] = recs[~xor]
+            present[idx[~xor]] = True
+        if not present.all():
+            raise IntegrityError(f"{entry['path']}: block {start + int(np.argmin(present))} is in no backup of the chain")
+        yield pages.reshape(-1).data
     base.drain()
     for layer in layers:
         layer.drain()
     for s, d in [(base, entry["base"]), *((s, d) for s, d in deltas)]:
-        assert s.hash is not None
-        if s.hash.hexdigest() != d["sha256"]:
+        if s.hash is not None and s.hash.hexdigest() != d["sha256"]:
             raise IntegrityError(f"{entry['path']}: {'delta' if d is not entry['base'] else 'base'} from backup "
                                  f"{d['backup']} fails its SHA-256 check")
 
 
 def merge_file(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]],
-               write: Callable[[bytes], object]) -> int:
+               write: Callable[[bytes | memoryview], object]) -> int:
     """Stream-merge base + deltas (oldest first) into ``write``; returns the bytes written."""
     written = 0
     for data in merged(entry, base, deltas):
@@ -589,33 +619,42 @@ def merge_file(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteS
     return written
 
 
-def open_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], open_lock: threading.Lock) -> Iterator[bytes]:
-    """The content of an ``incremental`` entry.  At most two storage streams are held at once (the base and
-    the biggest delta when they have objects of their own); everything else is read into memory first, so
-    threads never wait for a storage permit while holding more than one (the storage stack limits open streams)."""
+def open_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], open_lock: threading.Lock,
+                check: bool = True) -> Iterator[bytes | memoryview]:
+    """The content of an ``incremental`` entry (``check``: the SHA-256 of every slice, once read through).
+    At most two storage streams are held at once (the base and the biggest delta when they have objects
+    of their own); everything else is read into memory first, so threads never wait for a storage permit
+    while holding more than one (the storage stack limits open streams)."""
     base_ref = entry["base"]
     base_len = int(base_ref.get("length", base_ref["size"]))
     big = [d for d in entry["deltas"] if _own(d) and int(d["length"]) > STREAM_DELTA]
     streamed = max(big, key=lambda d: int(d["length"])) if big else None
-    held = {id(d): slice_bytes(repo, cache, d, int(d["length"])) for d in entry["deltas"] if d is not streamed}
-    base = None if _own(base_ref) else slice_bytes(repo, cache, base_ref, base_len)
+    held = {id(d): slice_bytes(repo, cache, d, int(d["length"]), check) for d in entry["deltas"] if d is not streamed}
+    base = None if _own(base_ref) else slice_bytes(repo, cache, base_ref, base_len, check)
     with open_lock:
         if base is None:
-            base = ByteStream(repo.read_object(layout.object_key(base_ref["backup"], base_ref["object"])))
+            base = ByteStream(repo.read_object(layout.object_key(base_ref["backup"], base_ref["object"])), check)
         if streamed is not None:
-            held[id(streamed)] = ByteStream(repo.read_object(layout.object_key(streamed["backup"], streamed["object"])))
+            held[id(streamed)] = ByteStream(repo.read_object(layout.object_key(streamed["backup"], streamed["object"])), check)
     return merged(entry, base, [(held[id(d)], d) for d in entry["deltas"]])
 
 
-def open_entry(repo: Repository, cache: PackCache, entry: dict[str, Any], open_lock: threading.Lock) -> ByteStream:
-    """Any resolved file entry (``kind`` full or incremental) as a stream of the file's bytes."""
+def reference_windows(repo: Repository, cache: PackCache, entry: dict[str, Any], open_lock: threading.Lock,
+                      block_size: int) -> Iterator[bytes | memoryview]:
+    """Any resolved file entry (``kind`` full or incremental) as consecutive runs of ``READ_BLOCKS`` blocks,
+    unchecked: a diff/incr XORs with exactly these bytes, and restore reads (and checks) the same ones."""
     if entry["kind"] == "incremental":
-        return ByteStream(open_merged(repo, cache, entry, open_lock), hashing=False)
-    length = int(entry.get("length", entry["size"]))
+        yield from open_merged(repo, cache, entry, open_lock, check=False)
+        return
     if _own(entry):
         with open_lock:
-            return ByteStream(repo.read_object(layout.object_key(entry["backup"], entry["object"])), hashing=False)
-    return slice_bytes(repo, cache, entry, length)
+            stream = ByteStream(repo.read_object(layout.object_key(entry["backup"], entry["object"])), hashing=False)
+    else:
+        stream = slice_bytes(repo, cache, entry, int(entry.get("length", entry["size"])), hashing=False)
+    left = int(entry["size"])
+    while left > 0 and (data := stream.read(min(left, READ_BLOCKS * block_size))):
+        left -= len(data)
+        yield data
 
 
 def restore_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], dest: str, open_lock: threading.Lock) -> int:

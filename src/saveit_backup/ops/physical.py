@@ -467,8 +467,8 @@ def _local(repo: Repository, conn: Any, facts: ServerFacts, control: dict[str, A
         if opts.page_xor:  # changed pages stored as XOR with the reference's: read back from the repository
             cache, lock = incremental.PackCache(repo, REFERENCE_CACHE), threading.Lock()
 
-            def open_reference(entry: dict[str, Any]) -> incremental.ByteStream:
-                return incremental.open_entry(repo, cache, entry, lock)
+            def open_reference(entry: dict[str, Any]) -> Iterator[bytes | memoryview]:
+                return incremental.reference_windows(repo, cache, entry, lock, int(control["block_size"]))
 
         producer = incremental.DeltaProducer(reader, ref, bid, int(control["block_size"]), int(control["blocks_per_segment"]),
                                              open_reference)

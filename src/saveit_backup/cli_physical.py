@@ -52,8 +52,7 @@ def physical_backup(args: argparse.Namespace, ctx: Context, progress: Progress) 
     opts = PhysicalOptions(mode=mode, pgdata=str(args.pgdata or settings.pgdata), jobs=max(1, int(settings.jobs)),
                            verify_checksums=not getattr(args, "no_verify_checksums", False),
                            wal_timeout=getattr(args, "wal_timeout", None) or WAL_TIMEOUT, kind=args.type,
-                           page_xor=settings.incremental_xor == "on"
-                           or (settings.incremental_xor == "auto" and settings.repository_url.startswith("file://")))
+                           page_xor=settings.page_xor)
     manifest = backup_physical(ctx, opts, progress)
     if manifest.options.get("fallback"):
         print(f"WARNING: backup --type {args.type}: {manifest.options['fallback']}; took a full backup instead",

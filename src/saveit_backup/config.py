@@ -111,6 +111,13 @@ class Settings:
             return f"s3://{self.values['s3_bucket']}/{prefix}"
         return default_repository()
 
+    @property
+    def page_xor(self) -> bool:
+        """diff/incr pages as XOR with the reference's: on, off, or auto (file repositories, where reading the
+        reference back costs no download)."""
+        mode = self.values["incremental_xor"]
+        return bool(mode == "on" or (mode == "auto" and self.repository_url.startswith("file://")))
+
     def with_values(self, **overrides: Any) -> Settings:
         values = dict(self.values)
         values.update(overrides)

@@ -54,8 +54,23 @@ def test_secrets_masked() -> None:
 
 
 @pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, True),  # the embedded default is a local directory
+        ({"BACKUP_REPOSITORY": "file:///srv/backups"}, True),
+        ({"BACKUP_S3_BUCKET": "b"}, False),  # would download the reference's changed files at every incremental
+        ({"BACKUP_S3_BUCKET": "b", "BACKUP_INCREMENTAL_XOR": "on"}, True),
+        ({"BACKUP_INCREMENTAL_XOR": "off"}, False),
+    ],
+)
+def test_incremental_page_xor(env: dict[str, str], expected: bool) -> None:
+    assert config.load(environ=env).page_xor is expected
+
+
+@pytest.mark.parametrize(
     ("env", "fragment"),
     [
+        ({"BACKUP_INCREMENTAL_XOR": "yes"}, "BACKUP_INCREMENTAL_XOR must be auto, on or off"),
         ({"BACKUP_RETENTION_DAYS": "thirty"}, "BACKUP_RETENTION_DAYS"),
         ({"BACKUP_ENABLED": "maybe"}, "BACKUP_ENABLED"),
         ({"BACKUP_COMPRESSION": "brotli"}, "unknown compression"),

@@ -88,7 +88,7 @@ def ours(cluster: Cluster, env: dict[str, str], kind: str) -> tuple[Sample, dict
         raise SystemExit(f"saveit-backup took a {m['type']} backup instead of {kind}: {m['options']}")
     data = sum(o["stored_size"] for o in m["objects"] if not o["name"].startswith("wal/"))
     inc = m["physical"].get("incremental", {})
-    return s, {"data": data, "total": int(m["stored_bytes"]), "pages": int(inc.get("pages_stored", 0))}
+    return s, {"data": data, "total": int(m["stored_bytes"]), "pages": int(inc.get("pages_stored", 0)), "id": m["id"]}
 
 
 def pgbackrest(conf: Path, kind: str) -> tuple[Sample, dict[str, int]]:
@@ -145,6 +145,7 @@ def main() -> None:
             subprocess.run(["pgbackrest", f"--config={pgbr_conf}", "--stanza=bench", "stanza-create"], check=True,
                            capture_output=True)
             rows: list[tuple[str, str, Sample, dict[str, int]]] = []
+            ids: dict[str, str] = {}  # our newest backup per contender
             for step, kind in enumerate(("full", "diff", "incr")):
                 if kind != "full":
                     run_pgbench(cluster, "postgres", args.transactions)
@@ -153,10 +154,29 @@ def main() -> None:
                     drain_archive(cluster)  # neither tool waits for WAL the other tool's turn produced
                     log(f"{kind}: {tool}")
                     sample, sizes = ours(cluster, envs[tool], kind) if tool in envs else pgbackrest(pgbr_conf, kind)
+                    if tool in envs:
+                        ids[tool] = str(sizes.pop("id"))
                     log(f"{kind}: {tool}: {sample.wall:.1f} s, {sizes['data'] / MB:.1f} MB stored")
                     rows.append((kind, tool, sample, sizes))
+            restores: list[tuple[str, Sample]] = []
+            for tool in TOOLS:  # the incr's whole chain, files only (no server start), into an empty directory
+                target = work / "restore"
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(mode=0o700)
+                if tool in envs:
+                    command = [CLI, "restore", ids[tool], "--target-dir", str(target), "--force", "--immediate"]
+                else:
+                    command = ["pgbackrest", f"--config={pgbr_conf}", "--stanza=bench", f"--pg1-path={target}", "restore",
+                               "--type=immediate"]
+                log(f"restore incr chain: {tool}")
+                sample = measure(command, envs.get(tool, clean_env()))
+                if sample.returncode != 0:
+                    raise SystemExit(f"{tool} restore failed: {sample.stderr[-800:]}")
+                log(f"restore incr chain: {tool}: {sample.wall:.1f} s")
+                restores.append((tool, sample))
+            shutil.rmtree(work / "restore", ignore_errors=True)
             version = subprocess.run(["pgbackrest", "version"], capture_output=True, text=True).stdout.strip()
-            body = report(rows, args, db_size, pg_version(cluster), version)
+            body = report(rows, restores, args, db_size, pg_version(cluster), version)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(body)
@@ -165,8 +185,8 @@ def main() -> None:
         log("updated docs/benchmarks.md")
 
 
-def report(rows: list[tuple[str, str, Sample, dict[str, int]]], args: argparse.Namespace, db_size: int, pg: str,
-           pgbr_version: str) -> str:
+def report(rows: list[tuple[str, str, Sample, dict[str, int]]], restores: list[tuple[str, Sample]], args: argparse.Namespace,
+           db_size: int, pg: str, pgbr_version: str) -> str:
     lines = [
         f"Measured {today()} on {machine_description()}; PostgreSQL {pg}, {pgbr_version}; pgbench scale {args.scale} "
         f"({db_size / MB:,.0f} MB of databases), {args.transactions:,} pgbench transactions (4 clients) before the diff and "
@@ -191,6 +211,11 @@ def report(rows: list[tuple[str, str, Sample, dict[str, int]]], args: argparse.N
             s, z = by[(kind, tool)]
             lines.append(f"| {kind} | {tool} | {s.wall:.1f} | {s.cpu:.1f} | {z['data'] / MB:,.1f} | {z['total'] / MB:,.1f} | "
                          f"{z['data'] / max(1, peer_z['data']):.3f}x | {s.wall / max(1e-9, peer_s.wall):.2f}x |")
+    peer = dict(restores)["pgBackRest"]
+    lines += ["", "Restore of the incr's chain (full, diff, incr), files only, no server start:", "",
+              "| Tool | Time (s) | CPU (s) | Peak RSS (MB) | Time vs pgBackRest |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {tool} | {s.wall:.1f} | {s.cpu:.1f} | {s.peak_tree_rss / MB:.0f} | {s.wall / max(1e-9, peer.wall):.2f}x |"
+              for tool, s in restores]
     s_i, z_i = by[("incr", OURS)]
     p_i, pz_i = by[("incr", "pgBackRest")]
     size_ok = z_i["data"] <= 0.3 * pz_i["data"]

@@ -38,8 +38,8 @@ def build_storage(settings: Settings) -> Storage:
     s3 = s3_options(settings) if url.startswith("s3://") else None
     inner = open_storage(url, s3)
     # Enough permits that no worker waits while holding what another needs: a diff/incr backup thread holds
-    # its upload plus, with page XOR, its reference's base and one streamed delta (3); a restore thread 2.
-    return RetryingStorage(LimitedStorage(inner, max(4, settings.jobs * 3)))
+    # its upload and, with page XOR, its reference's base stream (ops/incremental.py).
+    return RetryingStorage(LimitedStorage(inner, max(4, settings.jobs * 2)))
 
 
 def build_keyring(settings: Settings) -> Keyring:

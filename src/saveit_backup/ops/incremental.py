@@ -2,18 +2,22 @@
 
 Backup side (local mode): the *reference* is the newest good local-mode physical backup of the same
 cluster and timeline (``incr``: any type; ``diff``: the newest full).  Relation main-fork files that
-the reference holds are read once: every page is hashed, checked (``FileReader``) and kept when its
-page LSN (``pd_lsn``) is at or after the reference's start LSN, is zero (new or re-extended), or lies
-beyond the reference file's size; the kept pages form a *block delta* (format in docs/format.md).
+the reference holds are read once, in runs of ``READ_BLOCKS`` pages: every page is hashed, checked
+(``FileReader``) and kept when its page LSN (``pd_lsn``) is at or after the reference's start LSN, is
+zero (new or re-extended), or lies beyond the reference file's size; the kept pages form a *block
+delta* (format in docs/format.md).  With page XOR (``BACKUP_INCREMENTAL_XOR``) the reference's copy of
+the file is read back from the repository alongside, and a kept page the reference has is stored as
+its XOR with the reference's page: mostly zeros, since an update changes a few bytes of a page.
 Every other file is hashed and stored whole when its size or SHA-256 differs from the reference.
 Files that did not change are described by the reference's own entry, so every manifest entry is
 self-contained: ``kind: full`` (an object, in ``backup``) or ``kind: incremental`` (a ``base`` slice
 plus the ordered ``deltas``).
 
-Restore side: for each file, the base slice is read sequentially and the deltas (sorted by block)
-are merged in as a k-way streaming merge, newest first, and the result truncated to the file's size:
-one pass, bounded memory, no intermediate copies.  Base slices and delta slices are checked against
-their SHA-256 while they stream.
+Restore side: for each file, the base slice is read sequentially and each run of blocks gets the
+deltas' records applied oldest first (a page replaces the block, an XOR record is XORed into it):
+one pass, no intermediate copies.  Memory per file: one run, the base's stream buffers and the
+deltas as stored (compressed), decoded as they are read.  Base slices and delta slices are checked
+against their SHA-256 while they stream.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 from saveit_backup.domain.manifest import Manifest, ObjectEntry
 from saveit_backup.errors import BackupNotFound, IntegrityError
 from saveit_backup.pg import pagecheck
-from saveit_backup.pipeline.envelope import Digest, EncodeOptions
+from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 
@@ -47,8 +51,7 @@ _REF_BLOCKS = struct.Struct(">I")  # version 2: the reference file's size in blo
 _BLOCKNO = struct.Struct(">I")
 _END = 0xFFFFFFFF
 READ_BLOCKS = 128  # pages per read (1 MiB at 8 KiB)
-STREAM_DELTA = 32 << 20  # a delta bigger than this that has its own object is streamed, not read into memory
-CACHE_BYTES = 192 << 20  # decoded pack objects kept in memory during a restore
+CACHE_BYTES = 64 << 20  # decoded pack objects (up to 16 MiB each) kept in memory during a restore
 NO_REFERENCE = "no reference full backup"
 
 
@@ -543,13 +546,13 @@ def _own(ref: dict[str, Any]) -> bool:
 
 
 def slice_bytes(repo: Repository, cache: PackCache, ref: dict[str, Any], length: int, hashing: bool = True) -> ByteStream:
-    """The bytes of one file (or delta) inside an object, read into memory (packs through the cache)."""
+    """The bytes of one file (or delta) inside an object: a pack's through the cache; an object of its own is
+    held as stored (compressed) and decoded as it is read, since a delta's plain bytes can be hundreds of MB."""
     backup, name, offset = ref["backup"], ref["object"], int(ref.get("offset", 0))
     if _own(ref):
-        data = b"".join(repo.read_object(layout.object_key(backup, name)))
-        offset = 0
-    else:
-        data = cache.get(backup, name)
+        key = layout.object_key(backup, name)
+        return ByteStream(decode([b"".join(repo.storage.open(key))], repo.keyring, what=key), hashing)
+    data = cache.get(backup, name)
     if offset + length > len(data):
         raise IntegrityError(f"backup {backup}: object {name} is shorter than the manifest says")
     view = memoryview(data)[offset : offset + length]
@@ -622,20 +625,15 @@ def merge_file(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteS
 def open_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], open_lock: threading.Lock,
                 check: bool = True) -> Iterator[bytes | memoryview]:
     """The content of an ``incremental`` entry (``check``: the SHA-256 of every slice, once read through).
-    At most two storage streams are held at once (the base and the biggest delta when they have objects
-    of their own); everything else is read into memory first, so threads never wait for a storage permit
-    while holding more than one (the storage stack limits open streams)."""
+    Only a base with an object of its own is a storage stream; the deltas are read first (``slice_bytes``),
+    so a thread never waits for a storage permit while holding one."""
     base_ref = entry["base"]
-    base_len = int(base_ref.get("length", base_ref["size"]))
-    big = [d for d in entry["deltas"] if _own(d) and int(d["length"]) > STREAM_DELTA]
-    streamed = max(big, key=lambda d: int(d["length"])) if big else None
-    held = {id(d): slice_bytes(repo, cache, d, int(d["length"]), check) for d in entry["deltas"] if d is not streamed}
-    base = None if _own(base_ref) else slice_bytes(repo, cache, base_ref, base_len, check)
-    with open_lock:
-        if base is None:
+    held = {id(d): slice_bytes(repo, cache, d, int(d["length"]), check) for d in entry["deltas"]}
+    if _own(base_ref):
+        with open_lock:
             base = ByteStream(repo.read_object(layout.object_key(base_ref["backup"], base_ref["object"])), check)
-        if streamed is not None:
-            held[id(streamed)] = ByteStream(repo.read_object(layout.object_key(streamed["backup"], streamed["object"])), check)
+    else:
+        base = slice_bytes(repo, cache, base_ref, int(base_ref.get("length", base_ref["size"])), check)
     return merged(entry, base, [(held[id(d)], d) for d in entry["deltas"]])
 
 

@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--transactions", type=int, default=40_000)
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     ap.add_argument("--no-write", action="store_true", help="print the section, do not update docs/benchmarks.md")
+    ap.add_argument("--keep", action="store_true", help="keep the repositories (the work directory) for a look afterwards")
     args = ap.parse_args()
     reexec_as_postgres()
     if not shutil.which("pgbackrest"):
@@ -178,7 +179,10 @@ def main() -> None:
             version = subprocess.run(["pgbackrest", "version"], capture_output=True, text=True).stdout.strip()
             body = report(rows, restores, args, db_size, pg_version(cluster), version)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print(body)
     if not args.no_write:
         update_section(ROOT / "docs" / "benchmarks.md", TITLE, body)

@@ -116,7 +116,9 @@ class Settings:
         """diff/incr pages as XOR with the reference's: on, off, or auto (file repositories, where reading the
         reference back costs no download)."""
         mode = self.values["incremental_xor"]
-        return bool(mode == "on" or (mode == "auto" and self.repository_url.startswith("file://")))
+        url = self.repository_url
+        local = "://" not in url or url.split("://", 1)[0].lower() == "file"  # as storage.registry reads it
+        return bool(mode == "on" or (mode == "auto" and local))
 
     def with_values(self, **overrides: Any) -> Settings:
         values = dict(self.values)

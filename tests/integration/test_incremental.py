@@ -247,3 +247,89 @@ def test_merge_applies_xor_layers(run_blocks: int, monkeypatch: pytest.MonkeyPat
                          (d2[:-1], "whole number")):
         with pytest.raises(IntegrityError, match=message):
             merge(4, base, [bad])
+
+
+def test_xor_delta_of_a_file_that_grows_while_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pure: the file, shorter than the reference (vacuum truncated it), grows right after a short read; the
+    following reads must stay aligned with the reference's runs, or XOR records land on the wrong blocks."""
+    import hashlib
+    import os
+    import struct
+    import types
+
+    from saveit_backup.ops import incremental as inc
+
+    bs = 8192
+
+    def page(tag: int, lsn: int) -> bytes:
+        return struct.pack("<II", lsn >> 32, lsn & 0xFFFFFFFF) + bytes([tag % 256]) * (bs - 8)
+
+    reference = b"".join(page(i, 10) for i in range(300))  # the reference: 300 blocks, none changed since
+    ref_entry = {"kind": "full", "backup": "F", "object": "f1", "offset": 0, "size": len(reference),
+                 "sha256": hashlib.sha256(reference).hexdigest()}
+    path = tmp_path / "16384"
+    pages = [page(i, 10) for i in range(200)]
+    pages[5] = page(55, 2000)  # changed since the reference
+    path.write_bytes(b"".join(pages))
+
+    real_pread = os.pread
+    grown: list[bool] = []
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        data = real_pread(fd, n, offset)
+        if len(data) < n and not grown:  # the table grows right after the short read: new and zeroed pages
+            grown.append(True)
+            with open(path, "ab") as f:
+                f.write(b"".join(bytes(bs) if i % 2 else page(100 + i, 3000) for i in range(200, 400)))
+        return data
+
+    monkeypatch.setattr(inc, "os", types.SimpleNamespace(open=os.open, close=os.close, fstat=os.fstat, pread=pread, O_RDONLY=os.O_RDONLY))
+
+    def windows(entry: dict[str, object]) -> Iterator[bytes]:
+        run = inc.READ_BLOCKS * bs
+        yield from (reference[i : i + run] for i in range(0, len(reference), run))
+
+    reader = types.SimpleNamespace(checks=types.SimpleNamespace(enabled=False), real_path=lambda p: str(path))
+    entry = types.SimpleNamespace(path="base/1/16384", mode=0o600, mtime=0, size=0, sha256="")
+    producer = inc.DeltaProducer(reader, types.SimpleNamespace(start_lsn=1000), "I", bs, 131072, windows)  # type: ignore[arg-type]
+    work = inc.IncrementalWork(entry, ref_entry)
+    delta = b"".join(producer.produce(work))
+    assert grown and work.out["size"] == 400 * bs and producer.stats.pages_xor > 0
+    out: list[bytes] = []
+    inc.merge_file(work.out, inc.ByteStream([reference]), [(inc.ByteStream([delta]), work.out["deltas"][-1])],
+                   lambda d: out.append(bytes(d)))
+    assert b"".join(out) == path.read_bytes()
+
+
+def test_failed_chain_read_releases_its_storage_permit() -> None:
+    """Pure: a reference whose delta cannot be read fails at once and gives its storage permit back (a leaked
+    permit per failed file would hang a backup once the workers hold them all)."""
+    import threading
+
+    from saveit_backup.errors import IntegrityError
+    from saveit_backup.ops import incremental as inc
+    from saveit_backup.repo import layout
+    from saveit_backup.repo.repository import Repository
+    from saveit_backup.storage.memory import MemoryStorage
+    from saveit_backup.storage.wrappers import LimitedStorage
+
+    bs = 8192
+    limited = LimitedStorage(MemoryStorage(), 3)
+    repo = Repository(limited)
+    repo.init()
+    base = bytes(300 * bs)
+    repo.put_object(layout.object_key("F", "f1"), [base])
+    delta = inc.delta_header(bs, 300) + b"\0\0\0\0" + bytes(bs) + inc.delta_trailer()
+    repo.put_object(layout.object_key("I", "f2"), [delta])
+    entry = {"kind": "incremental", "path": "base/1/2", "size": len(base), "block_size": bs, "sha256": "",
+             "base": {"backup": "F", "object": "f1", "offset": 0, "size": len(base), "sha256": ""},
+             "deltas": [{"backup": "I", "object": "f2", "offset": 0, "length": len(delta) + bs + 4, "sha256": "", "own": True}]}
+    errors = []
+    for _ in range(3):  # three permits: a leak per failure would leave none
+        try:
+            for _run in inc.reference_windows(repo, inc.PackCache(repo), entry, threading.Lock(), bs):
+                pass
+        except IntegrityError as exc:
+            errors.append(exc)  # kept alive, as a pool's future keeps it
+    assert len(errors) == 3 and "truncated block delta" in str(errors[0])
+    assert all(limited._sem.acquire(timeout=2) for _ in range(3)), "a failed read kept its storage permit"

@@ -58,6 +58,8 @@ def test_secrets_masked() -> None:
     [
         ({}, True),  # the embedded default is a local directory
         ({"BACKUP_REPOSITORY": "file:///srv/backups"}, True),
+        ({"BACKUP_REPOSITORY": "/srv/backups"}, True),  # a plain path is a local directory too
+        ({"BACKUP_REPOSITORY": "FILE:///srv/backups"}, True),
         ({"BACKUP_S3_BUCKET": "b"}, False),  # would download the reference's changed files at every incremental
         ({"BACKUP_S3_BUCKET": "b", "BACKUP_INCREMENTAL_XOR": "on"}, True),
         ({"BACKUP_INCREMENTAL_XOR": "off"}, False),

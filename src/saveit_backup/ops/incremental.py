@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
+import numpy as np
+
 from saveit_backup.domain.manifest import Manifest, ObjectEntry
 from saveit_backup.errors import BackupNotFound, IntegrityError
 from saveit_backup.pg import pagecheck
@@ -158,8 +160,6 @@ def changed_rows(chunk: bytes, first_block: int, ref_blocks: int, start_lsn: int
     """Indices (into ``chunk``'s pages) of the pages to keep: changed since ``start_lsn``, all-zero LSN (new or
     re-extended), or at or beyond the reference's size.  ``pd_lsn`` is the page's first 8 bytes (xlogid,
     xrecoff, little-endian uint32)."""
-    import numpy as np
-
     n = len(chunk) // block_size
     head = np.frombuffer(chunk, "<u4", count=n * block_size // 4).reshape(n, block_size // 4)[:, :2].astype(np.uint64)
     lsn = head[:, 0] << np.uint64(32) | head[:, 1]
@@ -201,6 +201,12 @@ class ByteStream:
         while self.read(1 << 20):
             pass
 
+    def close(self) -> None:
+        """Close the source (a storage stream holds a permit until it is exhausted or closed)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
 
 class DeltaReader:
     """The records of one block delta of ``length`` bytes, read in batches of ``READ_BLOCKS`` and taken by
@@ -236,8 +242,6 @@ class DeltaReader:
 
     def _batch(self) -> bool:
         """Read the next batch; False at the end (after checking the end marker)."""
-        import numpy as np
-
         if not self.left:
             if not self.ended:
                 if self.stream.read(_BLOCKNO.size) != _BLOCKNO.pack(_END):
@@ -268,8 +272,6 @@ class DeltaReader:
 
     def take_until(self, end: int) -> tuple[Any, Any]:
         """The records of blocks below ``end``: (block numbers, records as rows), consumed."""
-        import numpy as np
-
         blocks, records = [], []
         while (nxt := self.next_block()) is not None and nxt < end:
             stop = self.at + int(np.searchsorted(self.blocks[self.at :], end))
@@ -317,18 +319,22 @@ class IncrStats:
                 "pages_read": self.pages_read, "pages_stored": self.pages_stored, "pages_xor": self.pages_xor}
 
 
-def _records(chunk: bytes, first: int, rows: Any, block_size: int, old: bytes | memoryview | None) -> bytes:
-    """Delta records of ``chunk``'s pages ``rows`` (block number, then the page); XOR with ``old``, the
-    reference's same blocks, where it has them."""
-    import numpy as np
-
+def _records(chunk: bytes, first: int, rows: Any, block_size: int, window: bytes | memoryview | None, ref_blocks: int,
+             path: str) -> bytes:
+    """Delta records of ``chunk``'s pages ``rows`` (block number, then the page).  With ``window`` (the
+    reference's run of READ_BLOCKS blocks holding block ``first``), pages of blocks below ``ref_blocks`` are
+    XOR with the reference's."""
     out = np.empty((len(rows), _BLOCKNO.size + block_size), np.uint8)
     out[:, _BLOCKNO.size :] = np.frombuffer(chunk, np.uint8).reshape(-1, block_size)[rows]
     out[:, : _BLOCKNO.size] = (rows + first).astype(">u4").view(np.uint8).reshape(len(rows), _BLOCKNO.size)
-    if old is not None:
-        ref_pages = np.frombuffer(old, np.uint8).reshape(-1, block_size)
-        inside = rows < len(ref_pages)
-        out[inside, _BLOCKNO.size :] ^= ref_pages[rows[inside]]
+    if window is not None:
+        ref_pages = np.frombuffer(window, np.uint8).reshape(-1, block_size)
+        inside = rows + first < ref_blocks
+        at = rows[inside] + first % READ_BLOCKS
+        if len(at) and int(at[-1]) >= len(ref_pages):
+            raise IntegrityError(f"{path}: block {first + int(rows[inside][-1])} is not in the reference's copy",
+                                 hint="take a full backup (backup --type full)")
+        out[inside, _BLOCKNO.size :] ^= ref_pages[at]
     return out.tobytes()
 
 
@@ -413,7 +419,8 @@ class DeltaProducer:
         checking = self.reader.checks.enabled and bs == pagecheck.BLCKSZ
         xor = self.open_reference is not None and ref_blocks > 0
         windows: Iterator[bytes | memoryview] | None = None  # the reference, from its first changed page on
-        window_no = 0  # windows (READ_BLOCKS blocks each) taken from ``windows``
+        window: bytes | memoryview | None = None  # the reference's run ``window_no - 1`` (READ_BLOCKS blocks)
+        window_no = 0
         h = hashlib.sha256()
         dh = hashlib.sha256()
         size = 0
@@ -422,43 +429,51 @@ class DeltaProducer:
         kept = 0
         xored = 0
         started = False
-        while chunk := os.pread(fd, READ_BLOCKS * bs, size):
-            if len(chunk) % bs:  # a page being appended right now: keep whole pages, WAL replay has the rest
-                chunk = chunk[: len(chunk) - len(chunk) % bs]
-                if not chunk:
-                    break
-            first = size // bs
-            if checking:
-                self.reader._check(fd, e.path, chunk, segno * self.blocks_per_segment + first, size)
-            h.update(chunk)
-            size += len(chunk)
-            pages += len(chunk) // bs
-            rows = changed_rows(chunk, first, ref_blocks, self.ref.start_lsn, bs)
-            if not len(rows):
-                continue
-            if not started:
-                head = delta_header(bs, ref_blocks if xor else None)
-                dh.update(head)
-                stored += len(head)
-                started = True
-                yield head
-            old = None
-            if xor and first + int(rows[0]) < ref_blocks:
-                if windows is None:
-                    assert self.open_reference is not None
-                    windows = self.open_reference(ref)
-                while window_no <= first // READ_BLOCKS:  # chunks and windows both start at multiples of READ_BLOCKS
-                    old = next(windows, None)
-                    window_no += 1
-                    if old is None:
-                        raise IntegrityError(f"{e.path}: the reference backup's copy is shorter than its manifest says",
-                                             hint="take a full backup (backup --type full)")
-            records = _records(chunk, first, rows, bs, old)
-            xored += 0 if old is None else int(sum(rows < len(old) // bs))
-            dh.update(records)
-            stored += len(records)
-            kept += len(rows)
-            yield records
+        try:
+            # Reads end at multiples of READ_BLOCKS, as the reference's runs do, even after a short read
+            # (a file growing while it is read).
+            while chunk := os.pread(fd, (READ_BLOCKS - size // bs % READ_BLOCKS) * bs, size):
+                if len(chunk) % bs:  # a page being appended right now: keep whole pages, WAL replay has the rest
+                    chunk = chunk[: len(chunk) - len(chunk) % bs]
+                    if not chunk:
+                        break
+                first = size // bs
+                if checking:
+                    self.reader._check(fd, e.path, chunk, segno * self.blocks_per_segment + first, size)
+                h.update(chunk)
+                size += len(chunk)
+                pages += len(chunk) // bs
+                rows = changed_rows(chunk, first, ref_blocks, self.ref.start_lsn, bs)
+                if not len(rows):
+                    continue
+                if not started:
+                    head = delta_header(bs, ref_blocks if xor else None)
+                    dh.update(head)
+                    stored += len(head)
+                    started = True
+                    yield head
+                below = int(np.count_nonzero(rows + first < ref_blocks)) if xor else 0  # rows to XOR
+                if below:
+                    if windows is None:
+                        assert self.open_reference is not None
+                        windows = self.open_reference(ref)
+                    while window_no <= first // READ_BLOCKS:
+                        window = next(windows, None)
+                        window_no += 1
+                        if window is None:
+                            raise IntegrityError(f"{e.path}: the reference backup's copy is shorter than its manifest says",
+                                                 hint="take a full backup (backup --type full)")
+                records = _records(chunk, first, rows, bs, window if below else None, ref_blocks, e.path)
+                xored += below
+                dh.update(records)
+                stored += len(records)
+                kept += len(rows)
+                yield records
+        finally:
+            if windows is not None:  # read only as far as the last changed page: release its storage stream now
+                close = getattr(windows, "close", None)
+                if close is not None:
+                    close()
         e.size, e.sha256 = size, h.hexdigest()
         self.stats.add(pages_read=pages, pages_stored=kept, pages_xor=xored)
         if not started and size == int(ref["size"]):
@@ -563,53 +578,55 @@ def merged(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStrea
     """The file ``entry`` describes, streamed in runs of ``READ_BLOCKS`` blocks: the base's blocks with each
     delta's records applied in turn, oldest first (a page replaces the block, an XOR record is XORed into
     it).  SHA-256 of the base and of every delta is checked once they are read through."""
-    import numpy as np
-
-    bs = int(entry["block_size"])
-    nblocks = int(entry["size"]) // bs
-    base_blocks = int(entry["base"]["size"]) // bs
-    layers = [DeltaReader(s, f"backup {d['backup']} delta of {entry['path']}", int(d["length"])) for s, d in deltas]
-    for layer in layers:
-        if layer.block_size != bs:
-            raise IntegrityError(f"{layer.what}: block size {layer.block_size}, the manifest says {bs}")
-    for start in range(0, nblocks, READ_BLOCKS):
-        end = min(nblocks, start + READ_BLOCKS)
-        have = max(0, min(end, base_blocks) - start)  # blocks of this run the base holds
-        data = base.read(have * bs)
-        if len(data) != have * bs:
-            raise IntegrityError(f"{entry['path']}: base of backup {entry['base']['backup']} is truncated")
-        if not any((nxt := layer.next_block()) is not None and nxt < end for layer in layers):
-            if have < end - start:
-                raise IntegrityError(f"{entry['path']}: block {start + have} is in no backup of the chain")
-            yield data
-            continue
-        pages = np.zeros((end - start, bs), np.uint8)
-        pages.reshape(-1)[: len(data)] = np.frombuffer(data, np.uint8)
-        present = np.zeros(end - start, bool)
-        present[:have] = True
+    try:
+        bs = int(entry["block_size"])
+        nblocks = int(entry["size"]) // bs
+        base_blocks = int(entry["base"]["size"]) // bs
+        layers = [DeltaReader(s, f"backup {d['backup']} delta of {entry['path']}", int(d["length"])) for s, d in deltas]
         for layer in layers:
-            blocks, recs = layer.take_until(end)
-            if not len(blocks):
+            if layer.block_size != bs:
+                raise IntegrityError(f"{layer.what}: block size {layer.block_size}, the manifest says {bs}")
+        for start in range(0, nblocks, READ_BLOCKS):
+            end = min(nblocks, start + READ_BLOCKS)
+            have = max(0, min(end, base_blocks) - start)  # blocks of this run the base holds
+            data = base.read(have * bs)
+            if len(data) != have * bs:
+                raise IntegrityError(f"{entry['path']}: base of backup {entry['base']['backup']} is truncated")
+            if not any((nxt := layer.next_block()) is not None and nxt < end for layer in layers):
+                if have < end - start:
+                    raise IntegrityError(f"{entry['path']}: block {start + have} is in no backup of the chain")
+                yield data
                 continue
-            xor = blocks < layer.xor_below
-            idx = blocks - start
-            if xor.any():
-                if not present[idx[xor]].all():
-                    missing = int(idx[xor][~present[idx[xor]]][0]) + start
-                    raise IntegrityError(f"{entry['path']}: block {missing} is in no backup of the chain")
-                pages[idx[xor]] ^= recs[xor]
-            pages[idx[~xor]] = recs[~xor]
-            present[idx[~xor]] = True
-        if not present.all():
-            raise IntegrityError(f"{entry['path']}: block {start + int(np.argmin(present))} is in no backup of the chain")
-        yield pages.reshape(-1).data
-    base.drain()
-    for layer in layers:
-        layer.drain()
-    for s, d in [(base, entry["base"]), *((s, d) for s, d in deltas)]:
-        if s.hash is not None and s.hash.hexdigest() != d["sha256"]:
-            raise IntegrityError(f"{entry['path']}: {'delta' if d is not entry['base'] else 'base'} from backup "
-                                 f"{d['backup']} fails its SHA-256 check")
+            pages = np.zeros((end - start, bs), np.uint8)
+            pages.reshape(-1)[: len(data)] = np.frombuffer(data, np.uint8)
+            present = np.zeros(end - start, bool)
+            present[:have] = True
+            for layer in layers:
+                blocks, recs = layer.take_until(end)
+                if not len(blocks):
+                    continue
+                xor = blocks < layer.xor_below
+                idx = blocks - start
+                if xor.any():
+                    if not present[idx[xor]].all():
+                        missing = int(idx[xor][~present[idx[xor]]][0]) + start
+                        raise IntegrityError(f"{entry['path']}: block {missing} is in no backup of the chain")
+                    pages[idx[xor]] ^= recs[xor]
+                pages[idx[~xor]] = recs[~xor]
+                present[idx[~xor]] = True
+            if not present.all():
+                raise IntegrityError(f"{entry['path']}: block {start + int(np.argmin(present))} is in no backup of the chain")
+            yield pages.reshape(-1).data
+        base.drain()
+        for layer in layers:
+            layer.drain()
+        for s, d in [(base, entry["base"]), *((s, d) for s, d in deltas)]:
+            if s.hash is not None and s.hash.hexdigest() != d["sha256"]:
+                raise IntegrityError(f"{entry['path']}: {'delta' if d is not entry['base'] else 'base'} from backup "
+                                     f"{d['backup']} fails its SHA-256 check")
+    finally:  # also on errors and when abandoned: storage streams hold permits
+        for stream in (base, *(s for s, _ in deltas)):
+            stream.close()
 
 
 def merge_file(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]],
@@ -649,10 +666,13 @@ def reference_windows(repo: Repository, cache: PackCache, entry: dict[str, Any],
             stream = ByteStream(repo.read_object(layout.object_key(entry["backup"], entry["object"])), hashing=False)
     else:
         stream = slice_bytes(repo, cache, entry, int(entry.get("length", entry["size"])), hashing=False)
-    left = int(entry["size"])
-    while left > 0 and (data := stream.read(min(left, READ_BLOCKS * block_size))):
-        left -= len(data)
-        yield data
+    try:
+        left = int(entry["size"])
+        while left > 0 and (data := stream.read(min(left, READ_BLOCKS * block_size))):
+            left -= len(data)
+            yield data
+    finally:
+        stream.close()
 
 
 def restore_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], dest: str, open_lock: threading.Lock) -> int:

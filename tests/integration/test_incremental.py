@@ -333,3 +333,40 @@ def test_failed_chain_read_releases_its_storage_permit() -> None:
             errors.append(exc)  # kept alive, as a pool's future keeps it
     assert len(errors) == 3 and "truncated block delta" in str(errors[0])
     assert all(limited._sem.acquire(timeout=2) for _ in range(3)), "a failed read kept its storage permit"
+
+
+def test_prefetched_keeps_order_passes_errors_and_stops_when_abandoned() -> None:
+    """Pure: the helper thread's items arrive in order; its error reaches the consumer; a consumer that stops
+    early ends the thread and closes the source (which releases a storage permit)."""
+    import threading
+
+    from saveit_backup.ops.incremental import prefetched
+
+    assert list(prefetched(iter(range(100)), depth=3)) == list(range(100))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise ValueError("boom")
+
+    got: list[int] = []
+    with pytest.raises(ValueError, match="boom"):
+        for item in prefetched(failing()):
+            got.append(item)
+    assert got == [1]
+
+    closed: list[bool] = []
+
+    def endless() -> Iterator[int]:
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.append(True)
+
+    before = threading.active_count()
+    stream = prefetched(endless(), depth=2)
+    assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    stream.close()  # type: ignore[attr-defined]
+    assert closed == [True] and threading.active_count() == before

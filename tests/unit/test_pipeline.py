@@ -12,6 +12,7 @@ import pytest
 from saveit_backup.errors import DecryptionError, IntegrityError, RepositoryFormatError
 from saveit_backup.pipeline.crypto import FRAME_SIZE, Identity, Keyring, decrypt_frames, encrypt_frames, generate_identity, parse_public_key
 from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode, describe, encode
+from saveit_backup.pipeline.threads import read_ahead
 
 
 def chunks(data: bytes, size: int = 65536) -> list[bytes]:
@@ -128,3 +129,38 @@ def test_failed_decodes_release_storage_permits() -> None:
             errors.append(exc)
     assert len(errors) == 6
     assert b"".join(decode(storage.open("good"), kr)) == PLAIN
+
+
+def test_read_ahead_keeps_order_passes_errors_and_stops_when_abandoned() -> None:
+    """Pure: the helper thread's items arrive in order; its error reaches the consumer; a consumer that stops
+    early ends the thread and closes the source (which releases a storage permit)."""
+    import threading
+
+    assert list(read_ahead(iter(range(100)), depth=3)) == list(range(100))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise ValueError("boom")
+
+    got: list[int] = []
+    with pytest.raises(ValueError, match="boom"):
+        for item in read_ahead(failing()):
+            got.append(item)
+    assert got == [1]
+
+    closed: list[bool] = []
+
+    def endless() -> Iterator[int]:
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.append(True)
+
+    before = threading.active_count()
+    stream = read_ahead(endless(), depth=2)
+    assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    stream.close()  # type: ignore[attr-defined]
+    assert closed == [True] and threading.active_count() == before

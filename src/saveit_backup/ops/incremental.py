@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import stat
 import struct
 import threading
@@ -33,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +40,7 @@ from saveit_backup.domain.manifest import Manifest, ObjectEntry
 from saveit_backup.errors import BackupNotFound, IntegrityError
 from saveit_backup.pg import pagecheck
 from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode
+from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 
@@ -207,54 +207,6 @@ class ByteStream:
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
-
-
-T = TypeVar("T")
-_DONE = object()
-
-
-def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """``items`` produced by a helper thread up to ``depth`` ahead, so producing (decoding, hashing, merging:
-    C code that releases the GIL) overlaps with the consumer's work.  Errors reach the consumer; closing or
-    abandoning the result stops the thread, which then closes ``items``."""
-    handoff: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: object, exc: BaseException | None = None) -> bool:
-        while not stop.is_set():
-            try:
-                handoff.put((item, exc), timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as exc:
-            put(None, exc)
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=run, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = handoff.get()
-            if exc is not None:
-                raise exc
-            if item is _DONE:
-                return
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        thread.join()
 
 
 class DeltaReader:
@@ -505,7 +457,7 @@ class DeltaProducer:
                 if below:
                     if windows is None:
                         assert self.open_reference is not None
-                        windows = prefetched(self.open_reference(ref))
+                        windows = read_ahead(self.open_reference(ref), depth=2)
                     while window_no <= first // READ_BLOCKS:
                         window = next(windows, None)
                         window_no += 1
@@ -728,7 +680,7 @@ def restore_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], de
     """Rebuild one file of a chain at ``dest``."""
     n = 0
     with open(dest, "wb") as out:
-        for data in prefetched(open_merged(repo, cache, entry, open_lock)):
+        for data in read_ahead(open_merged(repo, cache, entry, open_lock), depth=2):
             out.write(data)
             n += len(data)
     os.chmod(dest, int(entry.get("mode", 0o600)) & 0o777 or 0o600)

@@ -15,7 +15,9 @@ def read_ahead(items: Iterable[T], depth: int = 4) -> Iterator[T]:
     """Iterate ``items`` in a thread, at most ``depth`` items ahead (bounded memory).
 
     Exceptions of the producer are re-raised in the consumer.  If the consumer
-    stops early, the producer is told to stop at its next item.
+    stops early, the producer is told to stop at its next item; either way the
+    thread ends by closing ``items`` (a storage stream holds a permit until then),
+    and the consumer waits for that.
     """
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -33,7 +35,16 @@ def read_ahead(items: Iterable[T], depth: int = 4) -> Iterator[T]:
                     return
             q.put(_DONE)
         except BaseException as exc:  # handed to the consumer
-            q.put(exc)
+            while not stop.is_set():
+                try:
+                    q.put(exc, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
     thread.start()
@@ -47,3 +58,4 @@ def read_ahead(items: Iterable[T], depth: int = 4) -> Iterator[T]:
             yield item  # type: ignore[misc]
     finally:
         stop.set()
+        thread.join()

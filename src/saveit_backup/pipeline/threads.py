@@ -22,25 +22,24 @@ def read_ahead(items: Iterable[T], depth: int = 4) -> Iterator[T]:
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        """Hand ``item`` over; False once the consumer has stopped."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(_DONE)
+            put(_DONE)
         except BaseException as exc:  # handed to the consumer
-            while not stop.is_set():
-                try:
-                    q.put(exc, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
+            put(exc)
         finally:
             close = getattr(items, "close", None)
             if close is not None:

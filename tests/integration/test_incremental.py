@@ -17,6 +17,7 @@ import pytest
 
 from saveit_backup.pg.cluster import Cluster
 from tests.fixtures.pg import Cli, archiving_cluster, stop_clusters
+from tests.fixtures.s3 import S3Server
 from tests.integration.test_physical import invariant, pgbench, recovered, stop, wait_archived
 
 pytestmark = pytest.mark.pg
@@ -333,3 +334,27 @@ def test_failed_chain_read_releases_its_storage_permit() -> None:
             errors.append(exc)  # kept alive, as a pool's future keeps it
     assert len(errors) == 3 and "truncated block delta" in str(errors[0])
     assert all(limited._sem.acquire(timeout=2) for _ in range(3)), "a failed read kept its storage permit"
+
+
+def test_xor_chain_on_s3(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server, s3_bucket: str) -> None:
+    """Page XOR turned on for an object store: the incrementals read their reference back over S3 (moto on
+    127.0.0.1), and the restored chain holds what the database held at the last backup."""
+    base = tmp_path_factory.mktemp("incr_s3")
+    settings = (f'aws_endpoint_url = "{s3_server.endpoint_url}"\naws_access_key_id = "testing"\n'
+                'aws_secret_access_key = "testing"\ns3_path_style = true\nincremental_xor = "on"\n')
+    cluster, _repo, cli = archiving_cluster(base, SCALE, config=settings, repository=f"s3://{s3_bucket}/chain")
+    try:
+        seed(cluster)
+        env = Env(cluster, base, Cli(dict(cli.env, BACKUP_CONFIG=str(base / "saveit.toml"))), ("--pgdata", str(cluster.datadir)))
+        assert backup(env, "s3full", "full")["type"] == "full"
+        transactions(cluster, 1000)
+        assert backup(env, "s3incr", "incr")["physical"]["incremental"]["pages_xor"] > 0  # type: ignore[index]
+        transactions(cluster, 500)
+        cluster.psql("UPDATE small SET v = 'again' WHERE id % 7 = 0")
+        last = backup(env, "s3incr2", "incr")
+        assert last["physical"]["chain"][0] == env.backups["s3full"]["id"]  # type: ignore[index]
+        assert last["physical"]["incremental"]["pages_xor"] > 0  # type: ignore[index]
+        wait_archived(cluster)
+        restore_and_check(env, "s3incr2")
+    finally:
+        stop_clusters(base, cluster)

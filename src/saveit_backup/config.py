@@ -51,8 +51,8 @@ FIELDS: tuple[Field, ...] = (
     _f("compression_threads", "BACKUP_COMPRESSION_THREADS", int, 2, "zstd worker threads"),
     _f("jobs", "BACKUP_JOBS", int, 2, "parallel workers for backup and restore"),
     _f("dbname", "DATABASE_URL", str, "", "database to back up (DSN or URL; PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE also apply)"),
-    _f("pg_bindir", "BACKUP_PG_BINDIR", str, "", "directory of the PostgreSQL tools: pg_dump, pg_basebackup, pg_combinebackup, pg_ctl"
-       " (default: newest installed; pg_combinebackup/pg_ctl must match the backup's major)"),
+    _f("pg_bindir", "BACKUP_PG_BINDIR", str, "", "directory of the PostgreSQL tools: pg_dump, pg_basebackup, pg_ctl"
+       " (default: newest installed; pg_ctl must match the backup's major)"),
     _f("pgdata", "BACKUP_PGDATA", str, "", "data directory for local physical backups"),
     _f("incremental_xor", "BACKUP_INCREMENTAL_XOR", str, "auto", "diff/incr (local mode) store changed pages as XOR with the"
        " reference backup's page, read back from the repository: on, off, auto (on for file:// repositories)"),

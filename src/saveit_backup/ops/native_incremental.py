@@ -8,31 +8,23 @@ or newer with ``summarize_wal`` on and WAL summaries reaching back to the refere
 the caller takes a full backup and records why.  The manifest goes to a private temporary file for
 ``pg_basebackup --incremental`` and is removed afterwards.
 
-Restore side: ``pg_combinebackup`` needs directories, so each backup of the chain (full first) is
-extracted into a private temporary directory next to the target (same file system), then combined
-into the target by the ``pg_combinebackup`` of the backup's PostgreSQL major (with ``--link`` from 18
-on: the inputs are removed afterwards, so hard links cost no copy), and the temporaries are removed.
-Unlike local-mode chains this writes the extracted inputs to disk: plan for the size of the full
-backup plus the incrementals next to the target.
+Restore side: ``ops/native_combine.py`` rebuilds the chain in one pass over its tars.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from saveit_backup.domain.manifest import Manifest
 from saveit_backup.domain.wal import Lsn
-from saveit_backup.errors import IntegrityError, NotFound, PgToolError
+from saveit_backup.errors import IntegrityError, NotFound
 from saveit_backup.ops import incremental
-from saveit_backup.pg.conn import ServerFacts, connect, find_tool, server_facts, tool_major
+from saveit_backup.pg.conn import ServerFacts, connect, server_facts
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 
@@ -105,27 +97,3 @@ def reference_manifest_file(repo: Repository, ref: Manifest) -> Iterator[str]:
         yield path
     finally:
         os.unlink(path)
-
-
-def combine(chain: list[Manifest], target: Path, bindir: str, extract: Callable[[Manifest, Path], object]) -> None:
-    """Rebuild ``target`` (existing and empty) from a remote chain, full first: extract each, pg_combinebackup."""
-    odd = [m.id for m in chain[1:] if m.physical.get("incremental_method") != METHOD]
-    if chain[0].type != "full" or odd:
-        raise IntegrityError(f"backup {chain[-1].id}: its chain mixes backup methods ({', '.join(odd) or chain[0].id})")
-    major = chain[-1].pg_version // 10000
-    tool = find_tool("pg_combinebackup", bindir, major, exact=True)
-    temps: list[Path] = []
-    try:
-        for n, m in enumerate(chain):
-            d = Path(tempfile.mkdtemp(prefix=f".{target.name}.{n}-{m.id}.", dir=target.parent))
-            temps.append(d)
-            log.info("extracting backup %s (%d of %d) into %s for pg_combinebackup", m.id, n + 1, len(chain), d)
-            extract(m, d)
-        cmd = [tool, "-o", str(target), *(["--link"] if tool_major(tool) >= 18 else []), *map(str, temps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.splitlines() if "warning" not in ln]
-            raise PgToolError(f"pg_combinebackup failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")
-    finally:
-        for d in temps:
-            shutil.rmtree(d, ignore_errors=True)

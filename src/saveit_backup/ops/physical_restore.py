@@ -3,8 +3,7 @@
 Steps: choose the backup (the newest good full, diff or incr backup whose chain is complete and that
 ends before the target, ``domain/pitr.choose_backup``); files of a diff/incr chain are rebuilt in
 one pass each, base and block deltas stream-merged (``ops/incremental.py``); a remote-mode chain is
-extracted to temporary directories and combined by pg_combinebackup (``ops/native_incremental.py``,
-the one restore path that writes its inputs to disk first); check the target
+rebuilt in one pass over its tars, newest first (``ops/native_combine.py``); check the target
 directory (empty, or ``--force``; never a running server's); restore files in parallel from their
 objects (packs are sliced, every file's SHA-256 is checked against the manifest), re-create
 directories, tablespace links (to the original location, or ``<target>.tblspc/<oid>`` when that is
@@ -43,10 +42,11 @@ from saveit_backup.domain.manifest import Manifest
 from saveit_backup.domain.pitr import PhysicalBackup, RecoveryTarget, choose_backup, recovery_settings
 from saveit_backup.domain.wal import Lsn, history_file_name, parse_history
 from saveit_backup.errors import BackupNotFound, ConfigError, IntegrityError, NotFound, PgToolError, RestoreRefused
-from saveit_backup.ops import incremental, native_incremental
+from saveit_backup.ops import incremental, native_combine
 from saveit_backup.ops.progress import Progress
 from saveit_backup.pg.cluster import free_port
 from saveit_backup.pg.conn import find_tool
+from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 
@@ -391,14 +391,20 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
-def extract_archive(repo: Repository, manifest: Manifest, target: Path) -> None:
-    """A remote-mode backup's tar (maybe zstd-compressed by the server), extracted into ``target`` as it streams."""
+def archive_chunks(repo: Repository, manifest: Manifest) -> Iterable[bytes]:
+    """A remote-mode backup's tar as it streams (decompressed when the server compressed it)."""
     from saveit_backup.pipeline.compress import decompress_stream
 
     archive = manifest.physical["archive"]
     chunks: Iterable[bytes] = repo.read_object(layout.object_key(manifest.id, archive["object"]))
     if archive.get("content") == "tar.zst":
         chunks = decompress_stream(chunks, "zstd")
+    return chunks
+
+
+def extract_archive(repo: Repository, manifest: Manifest, target: Path) -> None:
+    """A remote-mode backup's tar, extracted into ``target`` as it streams."""
+    chunks = archive_chunks(repo, manifest)
     tar_tool = shutil.which("tar")
     if tar_tool:
         _extract_with_tar(tar_tool, chunks, target, manifest.id)
@@ -406,13 +412,14 @@ def extract_archive(repo: Repository, manifest: Manifest, target: Path) -> None:
         _extract_with_tarfile(chunks, target, manifest.id)
 
 
-def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: PhysicalRestoreReport, bindir: str) -> None:
-    """Remote-mode backups: a full one extracted as it streams; a diff/incr chain combined by pg_combinebackup."""
+def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: PhysicalRestoreReport) -> None:
+    """Remote-mode backups: a full one extracted as it streams; a diff/incr chain rebuilt in one pass over its
+    tars (``ops/native_combine.py``)."""
     if manifest.type == "full":
         extract_archive(repo, manifest, target)
     else:
-        native_incremental.combine(_check_chain(repo, manifest, {}), target, bindir,
-                                   lambda m, d: extract_archive(repo, m, d))
+        native_combine.combine(_check_chain(repo, manifest, {}), target,
+                               lambda m: io.BufferedReader(_ChunkReader(read_ahead(archive_chunks(repo, m), depth=8)), 1 << 20))
     files, size = _private_tree(target)
     (target / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
     writer = Writer(repo, manifest, target, {}, False)
@@ -425,8 +432,6 @@ def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: Phys
 def _extract_with_tar(tar_tool: str, chunks: Iterable[bytes], target: Path, backup_id: str) -> None:
     """GNU tar in C (it refuses absolute and ``..`` member names); decoding runs in a read-ahead thread."""
     import subprocess
-
-    from saveit_backup.pipeline.threads import read_ahead
 
     proc = subprocess.Popen([tar_tool, "-x", "-f", "-", "-C", str(target), "--no-same-owner", "--no-same-permissions"],
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -613,7 +618,7 @@ def restore_physical(ctx: Context, req: RestoreRequest, progress: Progress) -> P
     log.info("restoring backup %s (%s mode, %s) into %s", manifest.id, p.get("mode"), manifest.finished, target)
     major = manifest.pg_version // 10000
     if p.get("mode") == "remote":
-        restore_tar(repo, manifest, target, report, ctx.settings.pg_bindir)
+        restore_tar(repo, manifest, target, report)
     else:
         spaces = tablespace_locations(p, target, req.force)
         report.tablespaces = [{"oid": oid, "location": loc} for oid, loc in spaces.items()]

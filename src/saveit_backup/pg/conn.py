@@ -86,7 +86,7 @@ def server_facts(conn: psycopg.Connection[Any]) -> ServerFacts:
 def find_tool(name: str, bindir: str = "", server_major: int | None = None, exact: bool = False) -> str:
     """Locate a client tool; refuse one older than the server (pg_dump would refuse later, less clearly).
 
-    ``exact``: only the server's major will do (pg_combinebackup, pg_ctl for a restored data directory)."""
+    ``exact``: only the server's major will do (pg_ctl for a restored data directory)."""
     candidates: list[Path] = []
     if bindir:
         candidates.append(Path(bindir) / name)

@@ -1,0 +1,215 @@
+"""Restore of a remote-mode chain (PostgreSQL's own incremental base backups) in one pass over its tars.
+
+Each backup of the chain is a tar stream read once, newest first; nothing is extracted twice:
+
+* the newest backup's regular files go straight into the target (its ``backup_label`` without the
+  ``INCREMENTAL FROM`` lines, which would make the server refuse the directory; no ``backup_manifest``),
+  and its ``INCREMENTAL.<name>`` files are spooled: they hold only changed blocks;
+* each older incremental contributes the files still *pending* (a relation file whose newest version is
+  incremental), spooled as they are (incremental, or whole when the file was new then, which ends the
+  search for that file);
+* the full backup's tar comes last: a pending file is rebuilt while its member streams by.
+
+Rebuilding follows PostgreSQL's rules (``pg_combinebackup``'s reconstruction): an ``INCREMENTAL`` file is a
+header of uint32 values (magic ``0xd3ae1f0d``, block count, truncation length in blocks, the block numbers),
+padded to a whole block when it holds blocks, then the blocks.  The rebuilt file is as long as the newest
+file's truncation length, or longer if its blocks go further; each block comes from the newest file holding
+it, where older backups count only below the newest file's truncation length and the search stops at a
+whole copy of the file; a block found nowhere is zeros.  The spool lives next to the target (hidden,
+removed afterwards) and holds the incrementals' changed blocks, never a copy of the full backup.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import tarfile
+import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from saveit_backup.domain.manifest import Manifest
+from saveit_backup.errors import IntegrityError
+
+MAGIC = 0xD3AE1F0D
+PREFIX = "INCREMENTAL."
+_HEAD = struct.Struct("<III")  # magic, block count, truncation length (the server's byte order: little-endian here)
+COPY = 1 << 20
+
+
+class Incremental:
+    """A spooled ``INCREMENTAL.<name>`` file: its blocks and where each one lies in the spool."""
+
+    def __init__(self, path: Path, block_size: int, what: str) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            head = f.read(_HEAD.size)
+            if len(head) != _HEAD.size:
+                raise IntegrityError(f"{what}: truncated incremental file")
+            magic, count, self.truncation = _HEAD.unpack(head)
+            if magic != MAGIC:
+                raise IntegrityError(f"{what}: not a PostgreSQL incremental file (magic 0x{magic:08x})")
+            raw = f.read(4 * count)
+        if len(raw) != 4 * count:
+            raise IntegrityError(f"{what}: truncated incremental file")
+        self.blocks = np.frombuffer(raw, "<u4").astype(np.int64)
+        header = _HEAD.size + 4 * count
+        if count and header % block_size:
+            header += block_size - header % block_size
+        self.data_at = header
+        if path.stat().st_size < header + count * block_size:
+            raise IntegrityError(f"{what}: incremental file shorter than its {count} blocks")
+
+
+class _Pending:
+    """A file whose newest version is incremental: its sources so far, newest first."""
+
+    def __init__(self, newest: Incremental) -> None:
+        self.sources: list[Incremental | Path] = [newest]  # a Path is a whole copy, spooled
+
+
+def _member_name(member: tarfile.TarInfo, backup_id: str) -> str:
+    name = member.name[2:] if member.name.startswith("./") else member.name
+    if not name or name.startswith("/") or ".." in name.split("/"):
+        raise IntegrityError(f"backup {backup_id}: unsafe path {member.name!r} in the archive")
+    return name
+
+
+def _bare(name: str) -> str | None:
+    """``dir/INCREMENTAL.x`` -> ``dir/x``; None for other names."""
+    head, _, tail = name.rpartition("/")
+    if not tail.startswith(PREFIX):
+        return None
+    return f"{head}/{tail[len(PREFIX):]}" if head else tail[len(PREFIX):]
+
+
+def _copy(src: IO[bytes], dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "wb") as out:
+        shutil.copyfileobj(src, out, COPY)
+
+
+def _without_incremental_lines(label: bytes) -> bytes:
+    return b"".join(line for line in label.splitlines(keepends=True) if not line.startswith(b"INCREMENTAL FROM"))
+
+
+def rebuild(dest: Path, pending: _Pending, full: IO[bytes] | None, full_size: int, block_size: int) -> None:
+    """Write ``dest`` from ``pending``'s sources (newest first) and, if given, the full backup's member
+    ``full`` (``full_size`` bytes, read forward only), by the rules in the module docstring."""
+    newest = pending.sources[0]
+    assert isinstance(newest, Incremental)
+    length = max(newest.truncation, int(newest.blocks.max()) + 1 if len(newest.blocks) else 0)
+    origin = np.full(length, -1, np.int64)  # index into ``sources`` (len(sources): the full member)
+    offset = np.zeros(length, np.int64)  # byte offset of the block in that source
+    sources: list[Incremental | Path] = list(pending.sources)
+    for n, src in enumerate(sources):
+        if isinstance(src, Incremental):
+            blocks = src.blocks if n == 0 else src.blocks[src.blocks < newest.truncation]
+            slots = np.flatnonzero(src.blocks < (length if n == 0 else newest.truncation))
+            free = origin[blocks] == -1
+            origin[blocks[free]] = n
+            offset[blocks[free]] = src.data_at + slots[free] * block_size
+        else:  # a whole copy ends the search
+            _fill_whole(origin, offset, n, min(newest.truncation, src.stat().st_size // block_size), block_size)
+            full = None
+            break
+    if full is not None:
+        _fill_whole(origin, offset, len(sources), min(newest.truncation, full_size // block_size), block_size)
+    with ExitStack() as stack:
+        handles = {n: stack.enter_context(open(src if isinstance(src, Path) else src.path, "rb")) for n, src in enumerate(sources)}
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "wb") as out:
+            position = 0  # bytes of ``full`` consumed
+            zero = bytes(block_size)
+            for b in range(length):
+                n = int(origin[b])
+                if n == -1:
+                    out.write(zero)
+                elif n == len(sources):
+                    assert full is not None
+                    while position < b * block_size:  # skip what newer backups replaced
+                        skipped = full.read(min(COPY, b * block_size - position))
+                        if not skipped:
+                            break
+                        position += len(skipped)
+                    page = full.read(block_size)
+                    position += len(page)
+                    if len(page) != block_size:
+                        raise IntegrityError(f"{dest.name}: the full backup's copy ends before block {b}")
+                    out.write(page)
+                else:
+                    page = os.pread(handles[n].fileno(), block_size, int(offset[b]))
+                    if len(page) != block_size:
+                        raise IntegrityError(f"{dest.name}: block {b} is missing from an incremental file")
+                    out.write(page)
+
+
+def _fill_whole(origin: Any, offset: Any, n: int, blocks: int, block_size: int) -> None:
+    free = np.flatnonzero(origin[:blocks] == -1)
+    origin[free] = n
+    offset[free] = free * block_size
+
+
+def combine(chain: list[Manifest], target: Path, open_tar: Callable[[Manifest], IO[bytes]]) -> None:
+    """Rebuild ``target`` (existing and empty) from a remote chain, full first, reading each tar once."""
+    if chain[0].type != "full" or len(chain) < 2:
+        raise IntegrityError(f"backup {chain[-1].id}: not a chain of a full backup and incrementals")
+    block_size = int(chain[-1].physical.get("pg_control", {}).get("block_size") or 8192)
+    spool = Path(tempfile.mkdtemp(prefix=f".{target.name}.spool-", dir=target.parent))
+    pending: dict[str, _Pending] = {}
+    try:
+        for depth, m in enumerate(reversed(chain)):
+            newest, is_full = depth == 0, m is chain[0]
+            seen: set[str] = set()
+            with open_tar(m) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+                for member in tar:
+                    name = _member_name(member, m.id)
+                    bare = _bare(name) if member.isfile() else None
+                    if newest:
+                        if member.isdir():
+                            (target / name).mkdir(parents=True, exist_ok=True)
+                        elif member.issym():
+                            (target / name).parent.mkdir(parents=True, exist_ok=True)
+                            os.symlink(member.linkname, target / name)
+                        elif member.isfile() and name != "backup_manifest":
+                            src = tar.extractfile(member)
+                            assert src is not None
+                            if bare is not None:
+                                path = spool / str(depth) / name
+                                _copy(src, path)
+                                pending[bare] = _Pending(Incremental(path, block_size, f"backup {m.id}: {name}"))
+                            elif name == "backup_label":
+                                (target / name).write_bytes(_without_incremental_lines(src.read()))
+                            else:
+                                _copy(src, target / name)
+                        continue
+                    key = bare if bare is not None else name
+                    if not member.isfile() or key not in pending or key in seen:
+                        continue
+                    seen.add(key)
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    if bare is None and is_full:  # the full backup's copy: rebuild while it streams
+                        rebuild(target / key, pending.pop(key), src, member.size, block_size)
+                        continue
+                    path = spool / str(depth) / name
+                    _copy(src, path)
+                    if bare is None:  # a whole copy in an older incremental (the file was new then)
+                        pending[key].sources.append(path)
+                        rebuild(target / key, pending.pop(key), None, 0, block_size)
+                    else:
+                        pending[key].sources.append(Incremental(path, block_size, f"backup {m.id}: {name}"))
+            if not newest:
+                missing = sorted(set(pending) - seen)
+                if missing:
+                    raise IntegrityError(f"backup {m.id} holds no copy of {missing[0]}, which a newer backup of its "
+                                         "chain changed incrementally", hint="the chain is damaged; restore another backup")
+        if pending:
+            raise IntegrityError(f"no backup of the chain holds a whole copy of {sorted(pending)[0]}")
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)

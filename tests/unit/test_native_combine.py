@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +79,34 @@ def test_damaged_incremental_files_are_refused(tmp_path: Path) -> None:
     short.write_bytes(struct.pack("<IIII", MAGIC, 1, 4, 0) + bytes(BS - 16 % BS if 16 % BS else 0))
     with pytest.raises(IntegrityError, match="shorter than its 1 blocks"):
         Incremental(short, BS, "short")
+
+
+def test_incremental_names_only_under_relation_directories() -> None:
+    from saveit_backup.ops.native_combine import _bare
+
+    assert _bare("base/5/INCREMENTAL.16384") == "base/5/16384"
+    assert _bare("global/INCREMENTAL.1262") == "global/1262"
+    assert _bare("INCREMENTAL.conf") is None  # a user's file in the data directory is copied as it is
+    assert _bare("conf.d/INCREMENTAL.x") is None
+
+
+def test_chain_must_be_what_the_server_took_it_against() -> None:
+    from types import SimpleNamespace
+
+    from saveit_backup.ops.native_combine import _check_incremental_from
+
+    older: Any = SimpleNamespace(id="20261202-000000F", physical={"start_lsn": "0/5000028", "timeline": 1})
+    newer: Any = SimpleNamespace(id="20261202-010000I", physical={})
+    good = b"START WAL LOCATION: 0/7000028 (file 000000010000000000000007)\nINCREMENTAL FROM LSN: 0/5000028\nINCREMENTAL FROM TLI: 1\n"
+    _check_incremental_from(good, newer, older)
+    with pytest.raises(IntegrityError, match="was taken against the backup that started at 0/6000028"):
+        _check_incremental_from(good.replace(b"FROM LSN: 0/5000028", b"FROM LSN: 0/6000028"), newer, older)
+    with pytest.raises(IntegrityError, match="timeline 2"):
+        _check_incremental_from(good.replace(b"FROM TLI: 1", b"FROM TLI: 2"), newer, older)
+
+
+def test_header_values_beyond_a_segment_are_refused(tmp_path: Path) -> None:
+    huge = tmp_path / "INCREMENTAL.huge"
+    huge.write_bytes(struct.pack("<III", MAGIC, 0, 1 << 30))
+    with pytest.raises(IntegrityError, match="more than a segment"):
+        Incremental(huge, BS, "huge")

@@ -34,10 +34,13 @@ from typing import IO, Any
 import numpy as np
 
 from saveit_backup.domain.manifest import Manifest
+from saveit_backup.domain.wal import Lsn
 from saveit_backup.errors import IntegrityError
 
 MAGIC = 0xD3AE1F0D
 PREFIX = "INCREMENTAL."
+RELSEG_BLOCKS = 131072  # blocks per relation segment (1 GiB of 8 KiB), when pg_control does not say
+RELATION_DIRS = ("base/", "global/", "pg_tblspc/")  # where the server writes INCREMENTAL files
 _HEAD = struct.Struct("<III")  # magic, block count, truncation length (the server's byte order: little-endian here)
 COPY = 1 << 20
 
@@ -45,7 +48,7 @@ COPY = 1 << 20
 class Incremental:
     """A spooled ``INCREMENTAL.<name>`` file: its blocks and where each one lies in the spool."""
 
-    def __init__(self, path: Path, block_size: int, what: str) -> None:
+    def __init__(self, path: Path, block_size: int, what: str, max_blocks: int = RELSEG_BLOCKS) -> None:
         self.path = path
         with open(path, "rb") as f:
             head = f.read(_HEAD.size)
@@ -54,10 +57,15 @@ class Incremental:
             magic, count, self.truncation = _HEAD.unpack(head)
             if magic != MAGIC:
                 raise IntegrityError(f"{what}: not a PostgreSQL incremental file (magic 0x{magic:08x})")
+            if count > max_blocks or self.truncation > max_blocks:
+                raise IntegrityError(f"{what}: {count} blocks, truncation length {self.truncation}: more than a "
+                                     f"segment ({max_blocks} blocks)")
             raw = f.read(4 * count)
         if len(raw) != 4 * count:
             raise IntegrityError(f"{what}: truncated incremental file")
         self.blocks = np.frombuffer(raw, "<u4").astype(np.int64)
+        if count and int(self.blocks.max()) >= max_blocks:
+            raise IntegrityError(f"{what}: block {int(self.blocks.max())} is beyond a segment ({max_blocks} blocks)")
         header = _HEAD.size + 4 * count
         if count and header % block_size:
             header += block_size - header % block_size
@@ -81,9 +89,9 @@ def _member_name(member: tarfile.TarInfo, backup_id: str) -> str:
 
 
 def _bare(name: str) -> str | None:
-    """``dir/INCREMENTAL.x`` -> ``dir/x``; None for other names."""
+    """``dir/INCREMENTAL.x`` -> ``dir/x`` under the relation directories; None for other names."""
     head, _, tail = name.rpartition("/")
-    if not tail.startswith(PREFIX):
+    if not tail.startswith(PREFIX) or not name.startswith(RELATION_DIRS):
         return None
     return f"{head}/{tail[len(PREFIX):]}" if head else tail[len(PREFIX):]
 
@@ -92,6 +100,17 @@ def _copy(src: IO[bytes], dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "wb") as out:
         shutil.copyfileobj(src, out, COPY)
+
+
+def _check_incremental_from(label: bytes, backup: Manifest, older: Manifest) -> None:
+    """The server's own record of what ``backup`` was taken against must be ``older``'s start, as
+    pg_combinebackup checks: a chain joined wrongly would rebuild blocks over the wrong base."""
+    fields = dict(line.split(": ", 1) for line in label.decode("utf-8", "replace").splitlines() if ": " in line)
+    lsn, tli = fields.get("INCREMENTAL FROM LSN"), fields.get("INCREMENTAL FROM TLI")
+    expected = str(older.physical.get("start_lsn", ""))
+    if lsn is None or Lsn.parse(lsn) != Lsn.parse(expected) or (tli and int(tli) != int(older.physical.get("timeline", tli))):
+        raise IntegrityError(f"backup {backup.id} was taken against the backup that started at {lsn} (timeline {tli}), "
+                             f"not against {older.id} (started at {expected})", hint="the chain is damaged; restore another backup")
 
 
 def _without_incremental_lines(label: bytes) -> bytes:
@@ -159,17 +178,31 @@ def combine(chain: list[Manifest], target: Path, open_tar: Callable[[Manifest], 
     """Rebuild ``target`` (existing and empty) from a remote chain, full first, reading each tar once."""
     if chain[0].type != "full" or len(chain) < 2:
         raise IntegrityError(f"backup {chain[-1].id}: not a chain of a full backup and incrementals")
-    block_size = int(chain[-1].physical.get("pg_control", {}).get("block_size") or 8192)
+    control = chain[-1].physical.get("pg_control", {})
+    block_size = int(control.get("block_size") or 8192)
+    max_blocks = int(control.get("blocks_per_segment") or RELSEG_BLOCKS)
+    others = [m.id for m in chain if m.system_identifier != chain[-1].system_identifier]
+    if others:
+        raise IntegrityError(f"backup {others[0]} belongs to another cluster than {chain[-1].id}, in the same chain")
     spool = Path(tempfile.mkdtemp(prefix=f".{target.name}.spool-", dir=target.parent))
     pending: dict[str, _Pending] = {}
     try:
         for depth, m in enumerate(reversed(chain)):
             newest, is_full = depth == 0, m is chain[0]
+            older = None if is_full else chain[len(chain) - 2 - depth]  # the backup this one was taken against
             seen: set[str] = set()
             with open_tar(m) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
                 for member in tar:
                     name = _member_name(member, m.id)
                     bare = _bare(name) if member.isfile() else None
+                    if name == "backup_label" and member.isfile() and older is not None:
+                        src = tar.extractfile(member)
+                        assert src is not None
+                        label = src.read()
+                        _check_incremental_from(label, m, older)
+                        if newest:
+                            (target / name).write_bytes(_without_incremental_lines(label))
+                        continue
                     if newest:
                         if member.isdir():
                             (target / name).mkdir(parents=True, exist_ok=True)
@@ -182,9 +215,7 @@ def combine(chain: list[Manifest], target: Path, open_tar: Callable[[Manifest], 
                             if bare is not None:
                                 path = spool / str(depth) / name
                                 _copy(src, path)
-                                pending[bare] = _Pending(Incremental(path, block_size, f"backup {m.id}: {name}"))
-                            elif name == "backup_label":
-                                (target / name).write_bytes(_without_incremental_lines(src.read()))
+                                pending[bare] = _Pending(Incremental(path, block_size, f"backup {m.id}: {name}", max_blocks))
                             else:
                                 _copy(src, target / name)
                         continue
@@ -194,16 +225,15 @@ def combine(chain: list[Manifest], target: Path, open_tar: Callable[[Manifest], 
                     seen.add(key)
                     src = tar.extractfile(member)
                     assert src is not None
-                    if bare is None and is_full:  # the full backup's copy: rebuild while it streams
-                        rebuild(target / key, pending.pop(key), src, member.size, block_size)
+                    if bare is None:  # a whole copy (the full backup's, or the file was new then): rebuild as it streams
+                        done = pending.pop(key)
+                        rebuild(target / key, done, src, member.size, block_size)
+                        for source in done.sources:  # its spooled incremental files are no longer needed
+                            (source if isinstance(source, Path) else source.path).unlink(missing_ok=True)
                         continue
                     path = spool / str(depth) / name
                     _copy(src, path)
-                    if bare is None:  # a whole copy in an older incremental (the file was new then)
-                        pending[key].sources.append(path)
-                        rebuild(target / key, pending.pop(key), None, 0, block_size)
-                    else:
-                        pending[key].sources.append(Incremental(path, block_size, f"backup {m.id}: {name}"))
+                    pending[key].sources.append(Incremental(path, block_size, f"backup {m.id}: {name}", max_blocks))
             if not newest:
                 missing = sorted(set(pending) - seen)
                 if missing:

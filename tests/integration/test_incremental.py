@@ -12,9 +12,11 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from saveit_backup.ops.incremental import ByteStream, merged
 from saveit_backup.pg.cluster import Cluster
 from tests.fixtures.pg import Cli, archiving_cluster, stop_clusters
 from tests.fixtures.s3 import S3Server
@@ -28,6 +30,11 @@ SNAPSHOT = ("SELECT (SELECT count(*) FROM pgbench_history), (SELECT sum(abalance
             " (SELECT md5(string_agg(id || ':' || v, ',' ORDER BY id)) FROM small),"
             " (SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class WHERE relname IN ('dropme', 'newtab')),"
             " (SELECT count(*) FROM pg_class WHERE relname = 'pgbench_tellers' AND relfilenode <> oid)")
+
+
+def merge_file(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]]) -> list[bytes]:
+    """The merged file's runs, as bytes."""
+    return [bytes(run) for run in merged(entry, base, deltas)]
 
 
 @dataclass
@@ -166,7 +173,7 @@ def test_merge_newest_wins_truncates_and_extends() -> None:
     """Pure: base of 6 blocks; delta 1 truncates to 3 blocks and changes block 1; delta 2 extends to 5 and changes 1 again."""
     import hashlib
 
-    from saveit_backup.ops.incremental import ByteStream, changed_rows, delta_header, delta_trailer, merge_file
+    from saveit_backup.ops.incremental import ByteStream, changed_rows, delta_header, delta_trailer
 
     bs = 16
 
@@ -184,9 +191,7 @@ def test_merge_newest_wins_truncates_and_extends() -> None:
         return {"backup": "x", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "length": len(data)}
 
     entry = {"path": "base/1/2", "size": 5 * bs, "block_size": bs, "base": ref(base), "deltas": [ref(d1), ref(d2)]}
-    out: list[bytes] = []
-    merge_file(entry, ByteStream([base]), [(ByteStream([d1]), entry["deltas"][0]), (ByteStream([d2]), entry["deltas"][1])],  # type: ignore[index]
-               out.append)
+    out = merge_file(entry, ByteStream([base]), [(ByteStream([d1]), entry["deltas"][0]), (ByteStream([d2]), entry["deltas"][1])])  # type: ignore[index]
     assert b"".join(out) == page(0) + page(201) + page(2) + page(203) + page(204)
     # page selection: changed (LSN >= start), zero LSN, and blocks beyond the reference size
     chunk = page(0, lsn=5) + page(1, lsn=50) + bytes(bs) + page(3, lsn=5)
@@ -206,7 +211,7 @@ def test_merge_applies_xor_layers(run_blocks: int, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(incremental, "READ_BLOCKS", run_blocks)
 
     from saveit_backup.errors import IntegrityError
-    from saveit_backup.ops.incremental import ByteStream, delta_header, delta_trailer, merge_file
+    from saveit_backup.ops.incremental import ByteStream, delta_header, delta_trailer
 
     def xor_pages(a: bytes, b: bytes) -> bytes:
         return bytes(x ^ y for x, y in zip(a, b, strict=True))
@@ -224,10 +229,7 @@ def test_merge_applies_xor_layers(run_blocks: int, monkeypatch: pytest.MonkeyPat
 
     def merge(size: int, base: bytes, deltas: list[bytes]) -> bytes:
         entry = {"path": "base/1/2", "size": size * bs, "block_size": bs, "base": ref(base), "deltas": [ref(d) for d in deltas]}
-        out: list[bytes] = []
-        merge_file(entry, ByteStream([base]), [(ByteStream([d]), r) for d, r in zip(deltas, entry["deltas"], strict=True)],  # type: ignore[arg-type]
-                   out.append)
-        return b"".join(out)
+        return b"".join(merge_file(entry, ByteStream([base]), [(ByteStream([d]), r) for d, r in zip(deltas, entry["deltas"], strict=True)]))  # type: ignore[arg-type]
 
     base = page(1) + page(2) + page(3)
     # layer 1 (XOR, reference of 3 blocks): block 0 becomes 11, block 3 is new (plain)
@@ -296,9 +298,7 @@ def test_xor_delta_of_a_file_that_grows_while_read(tmp_path: Path, monkeypatch: 
     work = inc.IncrementalWork(entry, ref_entry)
     delta = b"".join(producer.produce(work))
     assert grown and work.out["size"] == 400 * bs and producer.stats.pages_xor > 0
-    out: list[bytes] = []
-    inc.merge_file(work.out, inc.ByteStream([reference]), [(inc.ByteStream([delta]), work.out["deltas"][-1])],
-                   lambda d: out.append(bytes(d)))
+    out = merge_file(work.out, inc.ByteStream([reference]), [(inc.ByteStream([delta]), work.out["deltas"][-1])])
     assert b"".join(out) == path.read_bytes()
 
 

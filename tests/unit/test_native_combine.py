@@ -29,8 +29,8 @@ def incremental(path: Path, truncation: int, blocks: dict[int, int]) -> Incremen
     return Incremental(path, BS, path.name)
 
 
-def rebuilt(tmp_path: Path, sources: list[Incremental | Path], full: bytes | None) -> list[int]:
-    pending = _Pending(sources[0])  # type: ignore[arg-type]
+def rebuilt(tmp_path: Path, sources: list[Incremental], full: bytes | None) -> list[int]:
+    pending = _Pending(sources[0])
     pending.sources = list(sources)
     out = tmp_path / "out"
     rebuild(out, pending, io.BytesIO(full) if full is not None else None, len(full or b""), BS)
@@ -58,16 +58,14 @@ def rebuilt(tmp_path: Path, sources: list[Incremental | Path], full: bytes | Non
 )
 def test_rebuild_rules(tmp_path: Path, newest: tuple[int, dict[int, int]], older: list[tuple[int, dict[int, int]]],
                        full_tags: list[int], expected: list[int]) -> None:
-    sources: list[Incremental | Path] = [incremental(tmp_path / "INCREMENTAL.n", *newest)]
+    sources = [incremental(tmp_path / "INCREMENTAL.n", *newest)]
     sources += [incremental(tmp_path / f"INCREMENTAL.o{i}", *o) for i, o in enumerate(older)]
     assert rebuilt(tmp_path, sources, b"".join(block(t) for t in full_tags)) == expected
 
 
 def test_a_whole_copy_in_an_older_incremental_ends_the_search(tmp_path: Path) -> None:
-    whole = tmp_path / "whole"
-    whole.write_bytes(block(7) + block(8) + block(9))
-    sources: list[Incremental | Path] = [incremental(tmp_path / "INCREMENTAL.n", 3, {2: 29}), whole]
-    assert rebuilt(tmp_path, sources, None) == [7, 8, 29]
+    whole = block(7) + block(8) + block(9)  # the file was new then: streamed like the full backup's copy
+    assert rebuilt(tmp_path, [incremental(tmp_path / "INCREMENTAL.n", 3, {2: 29})], whole) == [7, 8, 29]
 
 
 def test_damaged_incremental_files_are_refused(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -419,7 +419,7 @@ class DeltaProducer:
         segno = pagecheck.relation_segment(e.path) or 0
         checking = self.reader.checks.enabled and bs == pagecheck.BLCKSZ
         xor = self.open_reference is not None and ref_blocks > 0
-        windows: Iterator[bytes | memoryview] | None = None  # the reference, from its first changed page on
+        windows: Generator[bytes | memoryview, None, None] | None = None  # the reference, from its first changed page on
         window: bytes | memoryview | None = None  # the reference's run ``window_no - 1`` (READ_BLOCKS blocks)
         window_no = 0
         h = hashlib.sha256()
@@ -472,9 +472,7 @@ class DeltaProducer:
                 yield records
         finally:
             if windows is not None:  # read only as far as the last changed page: release its storage stream now
-                close = getattr(windows, "close", None)
-                if close is not None:
-                    close()
+                windows.close()
         e.size, e.sha256 = size, h.hexdigest()
         self.stats.add(pages_read=pages, pages_stored=kept, pages_xor=xored)
         if not started and size == int(ref["size"]):
@@ -628,16 +626,6 @@ def merged(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStrea
     finally:  # also on errors and when abandoned: storage streams hold permits
         for stream in (base, *(s for s, _ in deltas)):
             stream.close()
-
-
-def merge_file(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]],
-               write: Callable[[bytes | memoryview], object]) -> int:
-    """Stream-merge base + deltas (oldest first) into ``write``; returns the bytes written."""
-    written = 0
-    for data in merged(entry, base, deltas):
-        write(data)
-        written += len(data)
-    return written
 
 
 def open_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], open_lock: threading.Lock,

@@ -29,13 +29,14 @@ import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 
 from saveit_backup.domain.manifest import Manifest
 from saveit_backup.domain.wal import Lsn
 from saveit_backup.errors import IntegrityError
+from saveit_backup.ops.native_incremental import METHOD
 
 MAGIC = 0xD3AE1F0D
 PREFIX = "INCREMENTAL."
@@ -75,10 +76,10 @@ class Incremental:
 
 
 class _Pending:
-    """A file whose newest version is incremental: its sources so far, newest first."""
+    """A file whose newest version is incremental: its incremental files so far, newest first."""
 
     def __init__(self, newest: Incremental) -> None:
-        self.sources: list[Incremental | Path] = [newest]  # a Path is a whole copy, spooled
+        self.sources = [newest]
 
 
 def _member_name(member: tarfile.TarInfo, backup_id: str) -> str:
@@ -117,49 +118,45 @@ def _without_incremental_lines(label: bytes) -> bytes:
     return b"".join(line for line in label.splitlines(keepends=True) if not line.startswith(b"INCREMENTAL FROM"))
 
 
-def rebuild(dest: Path, pending: _Pending, full: IO[bytes] | None, full_size: int, block_size: int) -> None:
-    """Write ``dest`` from ``pending``'s sources (newest first) and, if given, the full backup's member
-    ``full`` (``full_size`` bytes, read forward only), by the rules in the module docstring."""
-    newest = pending.sources[0]
-    assert isinstance(newest, Incremental)
+def rebuild(dest: Path, pending: _Pending, whole: IO[bytes] | None, whole_size: int, block_size: int) -> None:
+    """Write ``dest`` from ``pending``'s incremental files (newest first) and, if given, a whole copy of the
+    file (``whole_size`` bytes, read forward only), by the rules in the module docstring."""
+    sources = pending.sources
+    newest = sources[0]
     length = max(newest.truncation, int(newest.blocks.max()) + 1 if len(newest.blocks) else 0)
-    origin = np.full(length, -1, np.int64)  # index into ``sources`` (len(sources): the full member)
+    origin = np.full(length, -1, np.int64)  # index into ``sources`` (len(sources): the whole copy)
     offset = np.zeros(length, np.int64)  # byte offset of the block in that source
-    sources: list[Incremental | Path] = list(pending.sources)
     for n, src in enumerate(sources):
-        if isinstance(src, Incremental):
-            blocks = src.blocks if n == 0 else src.blocks[src.blocks < newest.truncation]
-            slots = np.flatnonzero(src.blocks < (length if n == 0 else newest.truncation))
-            free = origin[blocks] == -1
-            origin[blocks[free]] = n
-            offset[blocks[free]] = src.data_at + slots[free] * block_size
-        else:  # a whole copy ends the search
-            _fill_whole(origin, offset, n, min(newest.truncation, src.stat().st_size // block_size), block_size)
-            full = None
-            break
-    if full is not None:
-        _fill_whole(origin, offset, len(sources), min(newest.truncation, full_size // block_size), block_size)
+        blocks = src.blocks if n == 0 else src.blocks[src.blocks < newest.truncation]
+        slots = np.flatnonzero(src.blocks < (length if n == 0 else newest.truncation))
+        free = origin[blocks] == -1
+        origin[blocks[free]] = n
+        offset[blocks[free]] = src.data_at + slots[free] * block_size
+    if whole is not None:
+        free = np.flatnonzero(origin[: min(newest.truncation, whole_size // block_size)] == -1)
+        origin[free] = len(sources)
+        offset[free] = free * block_size
     with ExitStack() as stack:
-        handles = {n: stack.enter_context(open(src if isinstance(src, Path) else src.path, "rb")) for n, src in enumerate(sources)}
+        handles = [stack.enter_context(open(src.path, "rb")) for src in sources]
         dest.parent.mkdir(parents=True, exist_ok=True)
         with open(dest, "wb") as out:
-            position = 0  # bytes of ``full`` consumed
+            position = 0  # bytes of ``whole`` consumed
             zero = bytes(block_size)
             for b in range(length):
                 n = int(origin[b])
                 if n == -1:
                     out.write(zero)
                 elif n == len(sources):
-                    assert full is not None
+                    assert whole is not None
                     while position < b * block_size:  # skip what newer backups replaced
-                        skipped = full.read(min(COPY, b * block_size - position))
+                        skipped = whole.read(min(COPY, b * block_size - position))
                         if not skipped:
                             break
                         position += len(skipped)
-                    page = full.read(block_size)
+                    page = whole.read(block_size)
                     position += len(page)
                     if len(page) != block_size:
-                        raise IntegrityError(f"{dest.name}: the full backup's copy ends before block {b}")
+                        raise IntegrityError(f"{dest.name}: the whole copy ends before block {b}")
                     out.write(page)
                 else:
                     page = os.pread(handles[n].fileno(), block_size, int(offset[b]))
@@ -168,16 +165,11 @@ def rebuild(dest: Path, pending: _Pending, full: IO[bytes] | None, full_size: in
                     out.write(page)
 
 
-def _fill_whole(origin: Any, offset: Any, n: int, blocks: int, block_size: int) -> None:
-    free = np.flatnonzero(origin[:blocks] == -1)
-    origin[free] = n
-    offset[free] = free * block_size
-
-
 def combine(chain: list[Manifest], target: Path, open_tar: Callable[[Manifest], IO[bytes]]) -> None:
     """Rebuild ``target`` (existing and empty) from a remote chain, full first, reading each tar once."""
-    if chain[0].type != "full" or len(chain) < 2:
-        raise IntegrityError(f"backup {chain[-1].id}: not a chain of a full backup and incrementals")
+    odd = [m.id for m in chain[1:] if m.physical.get("incremental_method") != METHOD]
+    if chain[0].type != "full" or len(chain) < 2 or odd:
+        raise IntegrityError(f"backup {chain[-1].id}: its chain mixes backup methods ({', '.join(odd) or chain[0].id})")
     control = chain[-1].physical.get("pg_control", {})
     block_size = int(control.get("block_size") or 8192)
     max_blocks = int(control.get("blocks_per_segment") or RELSEG_BLOCKS)
@@ -229,7 +221,7 @@ def combine(chain: list[Manifest], target: Path, open_tar: Callable[[Manifest], 
                         done = pending.pop(key)
                         rebuild(target / key, done, src, member.size, block_size)
                         for source in done.sources:  # its spooled incremental files are no longer needed
-                            (source if isinstance(source, Path) else source.path).unlink(missing_ok=True)
+                            source.path.unlink(missing_ok=True)
                         continue
                     path = spool / str(depth) / name
                     _copy(src, path)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
 _DONE = object()
 
 
-def read_ahead(items: Iterable[T], depth: int = 4) -> Iterator[T]:
+def read_ahead(items: Iterable[T], depth: int = 4) -> Generator[T, None, None]:
     """Iterate ``items`` in a thread, at most ``depth`` items ahead (bounded memory).
 
     Exceptions of the producer are re-raised in the consumer.  If the consumer

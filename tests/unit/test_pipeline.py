@@ -11,7 +11,7 @@ import pytest
 
 from saveit_backup.errors import DecryptionError, IntegrityError, RepositoryFormatError
 from saveit_backup.pipeline.crypto import FRAME_SIZE, Identity, Keyring, decrypt_frames, encrypt_frames, generate_identity, parse_public_key
-from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode, describe, encode
+from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode, describe, encode, encode_buffer
 from saveit_backup.pipeline.threads import read_ahead
 
 
@@ -45,6 +45,22 @@ def test_round_trip(codec: str, mode: str, tmp_path: object) -> None:
     header = describe([stored])
     assert header["codec"] == codec and header["cipher"] == ("none" if writer is None else "aes-256-gcm")
     assert b"".join(decode(chunks(stored, 7777), reader)) == PLAIN
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "gzip", "none"])
+@pytest.mark.parametrize("mode", ["none", "passphrase", "recipient"])
+@pytest.mark.parametrize(("plain", "threads"), [(PLAIN, 0), (PLAIN, 2), (b"", 0), (b"x", 0)])
+def test_encode_buffer_is_the_same_object_format(codec: str, mode: str, plain: bytes, threads: int, tmp_path: object) -> None:
+    """One-call encoding (WAL segments): the streaming reader decodes it, digests as ``encode``'s."""
+    writer, reader = keyrings(tmp_path)[mode]
+    digest = Digest()
+    stored = encode_buffer(memoryview(plain), EncodeOptions(codec=codec, threads=threads, encrypt=writer is not None), writer, digest)
+    assert digest.plain_size == len(plain) and digest.plain_sha256 == hashlib.sha256(plain).hexdigest()
+    assert digest.stored_size == len(stored) and (digest.codec, digest.cipher) == (codec, describe([stored])["cipher"])
+    assert b"".join(decode(chunks(stored, 7777), reader)) == plain
+    known = Digest()
+    encode_buffer(plain, EncodeOptions(codec=codec, encrypt=writer is not None, hash=False), writer, known, plain_sha256="ab" * 32)
+    assert known.plain_sha256 == "ab" * 32
 
 
 @pytest.mark.parametrize("size", [0, 1, FRAME_SIZE - 1, FRAME_SIZE, FRAME_SIZE + 1, 3 * FRAME_SIZE])

@@ -131,3 +131,90 @@ def test_acknowledged(tmp_path: Path, args: list[str], environ: dict[str, str], 
         del env["BACKUP_SPOOL_DIR"]
     assert acknowledged(quick_args(["wal-push", *(a.format(path=path) for a in args)]), env) is expected
     assert Path(spool.request(NAME)).exists() is not expected  # an acknowledged request is consumed
+
+
+def test_push_paths_store_the_same_bytes(repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files up to BUFFERED_MAX are mapped and compressed in one call, bigger ones stream; both read back equal."""
+    import threading
+
+    from saveit_backup.ops import wal_push
+    from saveit_backup.repo.layout import wal_key
+
+    history = tmp_path / "00000002.history"
+    history.write_text("1\t0/3000000\tno recovery target specified\n")
+    cpu = threading.BoundedSemaphore(1)
+    for path in (segment(tmp_path, 9, fill=7), history):
+        assert push_file(repo, str(path), cpu=cpu).status == "stored"
+        assert b"".join(repo.read_object(wal_key(path.name))) == path.read_bytes()
+    assert cpu.acquire(blocking=False)  # given back after each push
+    cpu.release()
+    monkeypatch.setattr(wal_push, "BUFFERED_MAX", 1 << 20)
+    (tmp_path / "s").mkdir()
+    streamed = segment(tmp_path / "s", 10, fill=8)
+    assert push_file(repo, str(streamed), cpu=cpu).status == "stored"
+    assert b"".join(repo.read_object(wal_key(streamed.name))) == streamed.read_bytes()
+    assert push_file(repo, str(streamed)).status == "exists"
+
+    def broken(*_: object, **__: object) -> bytes:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(wal_push, "BUFFERED_MAX", 64 << 20)
+    monkeypatch.setattr("saveit_backup.pipeline.envelope.encode_buffer", broken)
+    with pytest.raises(OSError):
+        push_file(repo, str(segment(tmp_path / "s", 11)), cpu=cpu)
+    assert cpu.acquire(blocking=False)  # given back on errors too
+
+
+def _hold_worker_lock(spool: Spool) -> int:
+    import fcntl
+    import os
+
+    fd = os.open(spool.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+@pytest.mark.parametrize("outcome", ["ok", "error"])
+def test_client_waits_cheaply_for_a_running_worker(tmp_path: Path, outcome: str) -> None:
+    """A running worker that has not pushed the file yet: the client asks and waits without loading the
+    configuration; a fresh error is left for the full wal-push, which reports it at once."""
+    import json
+    import os
+    import threading
+
+    from saveit_backup.errors import TransientStorageError
+    from saveit_backup.ops.wal_spool import acknowledged, push_async
+    from saveit_backup.wal_args import quick_args
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create()
+    path = str(tmp_path / "pg_wal" / NAME)
+    Path(spool.error(NAME)).write_text("{}")  # an earlier attempt's failure: cleared, never reported
+    lock = _hold_worker_lock(spool)
+
+    def worker() -> None:  # answers once the request is there, as the worker does
+        for _ in range(2000):
+            if Path(spool.request(NAME)).exists() and not Path(spool.error(NAME)).exists():
+                break
+            threading.Event().wait(0.005)
+        if outcome == "ok":
+            Path(spool.ok(NAME)).write_text("stored")
+        else:
+            body = {"code": "SVB-203", "kind": "TransientStorageError", "message": "bucket unreachable", "hint": "", "exit_status": 5}
+            Path(spool.error(NAME)).write_text(json.dumps(body))
+
+    answer = threading.Thread(target=worker)
+    answer.start()
+    try:
+        acked = acknowledged(quick_args(["wal-push", "--async", path]), {"BACKUP_SPOOL_DIR": spool.root})
+        answer.join()
+        assert acked is (outcome == "ok")
+        if outcome == "ok":
+            assert not Path(spool.request(NAME)).exists()  # consumed
+            return
+        assert Path(spool.error(NAME)).exists()
+        settings = config.load({"spool_dir": spool.root}, environ={})
+        with pytest.raises(TransientStorageError, match="bucket unreachable"):
+            push_async(settings, path, timeout=5)
+    finally:
+        os.close(lock)

@@ -88,7 +88,8 @@ class Worker:
         self.settings = settings
         self.spool = spool
         self.pg_wal = pg_wal
-        self.jobs = max(1, jobs)
+        self.jobs = max(1, jobs)  # pushes in flight (storage round trips overlap)
+        self.cpu_slots = max(1, min(self.jobs, settings.jobs))  # of which compressing at once: BACKUP_JOBS
         self.idle_exit = idle_exit
         self.poll = poll
         self.queue_max = int(settings.archive_queue_max)
@@ -131,6 +132,7 @@ class Worker:
         repo: Repository | None = None
         options: EncodeOptions | None = None
         inflight: dict[str, Future[PushResult]] = {}
+        cpu = threading.BoundedSemaphore(self.cpu_slots)
         idle_since = time.monotonic()
         with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="wal-push") as pool:
             while True:
@@ -150,7 +152,7 @@ class Worker:
                 for name in sorted(ready, key=_order):
                     if len(inflight) >= self.jobs * 2:
                         break
-                    inflight[name] = pool.submit(push_file, repo, ready[name], options, name)  # type: ignore[arg-type]
+                    inflight[name] = pool.submit(push_file, repo, ready[name], options, name, cpu)  # type: ignore[arg-type]
                 if inflight:
                     done, _ = wait(list(inflight.values()), timeout=self.poll, return_when=FIRST_COMPLETED)
                     for name, fut in list(inflight.items()):

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from saveit_backup.config import Settings
 
 DEFAULT_TIMEOUT = 60.0
+FAST_WAIT = 10.0  # the cheap wait for a running worker; then the full wal-push waits (and reports)
+_CLEARED: set[str] = set()  # names whose earlier error this process's cheap wait removed before asking
 LOG_ROTATE_BYTES = 10 << 20
 DROPPED = "dropped"
 
@@ -159,15 +161,50 @@ def acknowledged(args: SimpleNamespace | None, environ: dict[str, str] | os._Env
         return False
     path = os.path.abspath(args.path)
     name = os.path.basename(path)
+    if not name or name.startswith("."):
+        return False
     spool = Spool.at(spool_dir or "", os.path.dirname(path))
-    try:
-        with open(spool.ok(name)) as f:
-            if f.read().strip() == DROPPED:
-                return False
-    except OSError:
+    status = _ack(spool, name)
+    if status is None and os.path.isdir(spool.requests) and spool.worker_running():
+        status = _wait_running(spool, name, path)
+    if status != "pushed":
         return False
     unlink_missing_ok(spool.request(name))
     return True
+
+
+def _ack(spool: Spool, name: str) -> str | None:
+    """"pushed" or "dropped" once the worker wrote ``name``'s ack, else None."""
+    try:
+        with open(spool.ok(name)) as f:
+            return DROPPED if f.read().strip() == DROPPED else "pushed"
+    except OSError:
+        return None
+
+
+def _wait_running(spool: Spool, name: str, path: str) -> str | None:
+    """Wait for the running worker's ack, still without the configuration and the CLI loaded.
+
+    When PostgreSQL asks faster than the worker pushes (a backlog), every call waits: loading
+    everything meanwhile would take CPU from the worker.  None as soon as anything needs the full
+    ``wal-push`` (an error, the worker gone, ``FAST_WAIT`` seconds passed)."""
+    unlink_missing_ok(spool.error(name))  # an earlier attempt's failure: wait for a fresh one, as push_async does
+    _CLEARED.add(name)
+    write_atomic(spool.request(name), path)  # a file PostgreSQL has not marked .ready is pushed too
+    deadline = time.monotonic() + FAST_WAIT
+    next_check = time.monotonic() + 0.1
+    while True:
+        time.sleep(0.002)
+        status = _ack(spool, name)
+        if status is not None or os.path.exists(spool.error(name)):
+            return status
+        now = time.monotonic()
+        if now >= deadline:
+            return None
+        if now >= next_check:
+            if not spool.worker_running():
+                return _ack(spool, name)
+            next_check = now + 0.1
 
 
 def push_async(settings: Settings, path: str, timeout: float = DEFAULT_TIMEOUT,
@@ -183,7 +220,8 @@ def push_async(settings: Settings, path: str, timeout: float = DEFAULT_TIMEOUT,
     result = _consume(spool, name, errors_too=False)
     if result is not None:
         return result
-    unlink_missing_ok(spool.error(name))  # an earlier attempt's failure: wait for a fresh one (the worker retries now)
+    if name not in _CLEARED:  # else the cheap wait cleared it already, and an error now is this attempt's
+        unlink_missing_ok(spool.error(name))  # an earlier attempt's failure: wait for a fresh one (the worker retries now)
     write_atomic(spool.request(name), path)
     deadline = time.monotonic() + timeout
     next_check = 0.0
@@ -205,11 +243,7 @@ def push_async(settings: Settings, path: str, timeout: float = DEFAULT_TIMEOUT,
 
 
 def _consume(spool: Spool, name: str, errors_too: bool = True) -> str | None:
-    try:
-        with open(spool.ok(name)) as f:
-            text = f.read().strip()
-    except FileNotFoundError:
-        text = None
+    text = _ack(spool, name)
     if text is not None:
         unlink_missing_ok(spool.request(name))
         if text == DROPPED:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from saveit_backup.errors import EncryptionConfigError, IntegrityError, RepositoryFormatError
-from saveit_backup.pipeline.compress import check_codec, compress_stream, decompress_stream
+from saveit_backup.pipeline.compress import check_codec, compress_buffer, compress_stream, decompress_stream
 from saveit_backup.pipeline.crypto import FRAME_SIZE, Keyring, decrypt_frames, encrypt_frames
 
 MAGIC = b"SVB"
@@ -72,14 +72,8 @@ def _count(chunks: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
         yield chunk
 
 
-def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | None, digest: Digest,
-           plain_sha256: str | None = None) -> Iterator[bytes]:
-    """plain chunks -> (hash, size) -> compress -> encrypt -> envelope bytes.
-
-    ``plain_sha256``, when the caller knows it up front, is written into the
-    header (authenticated with the body) so the object can be compared without
-    decrypting it, e.g. by a host that holds only public keys.
-    """
+def _start(options: EncodeOptions, keyring: Keyring | None, digest: Digest, plain_sha256: str | None) -> tuple[bytes, bytes]:
+    """(envelope prefix and header, data key or b"") for a new object; records codec and cipher in ``digest``."""
     header: dict[str, Any] = {"codec": check_codec(options.codec), "cipher": "none"}
     if plain_sha256:
         header["sha256"] = plain_sha256
@@ -92,6 +86,18 @@ def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | N
         header.update(cipher="aes-256-gcm", frame=FRAME_SIZE, slots=keyring.wrap(data_key))
     header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     digest.codec, digest.cipher = header["codec"], header["cipher"]
+    return header_bytes, data_key
+
+
+def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | None, digest: Digest,
+           plain_sha256: str | None = None) -> Iterator[bytes]:
+    """plain chunks -> (hash, size) -> compress -> encrypt -> envelope bytes.
+
+    ``plain_sha256``, when the caller knows it up front, is written into the
+    header (authenticated with the body) so the object can be compared without
+    decrypting it, e.g. by a host that holds only public keys.
+    """
+    header_bytes, data_key = _start(options, keyring, digest, plain_sha256)
 
     def body() -> Iterator[bytes]:
         yield _PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(header_bytes)) + header_bytes
@@ -102,6 +108,23 @@ def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | N
         yield from stream
 
     return _count(body(), digest)
+
+
+def encode_buffer(data: bytes | bytearray | memoryview, options: EncodeOptions, keyring: Keyring | None, digest: Digest,
+                  plain_sha256: str | None = None) -> bytes:
+    """``encode`` of bytes already in memory, compressed in one call; the same object format."""
+    header_bytes, data_key = _start(options, keyring, digest, plain_sha256)
+    if options.hash and not plain_sha256:
+        import hashlib
+
+        digest.plain_sha256 = hashlib.sha256(data).hexdigest()
+    digest.plain_size = len(data)
+    body = compress_buffer(data, options.codec, options.level, options.threads)
+    parts = [_PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(header_bytes)) + header_bytes]
+    parts += encrypt_frames((body,), data_key, header_bytes) if options.encrypt else [body]
+    out = b"".join(parts)
+    digest.stored_size = len(out)
+    return out
 
 
 class _Reader:

@@ -98,7 +98,8 @@ def _settings(args: Args, ctx: Context | None) -> Settings:
                        config_file=args.wal_config or getattr(args, "config", None))
 
 
-def run_push(args: Args, ctx: Context | None) -> int:
+def run_push(args: Args, ctx: Context | None, waited_since: float | None = None) -> int:
+    """``waited_since``: see ``wal_spool.FastAck``."""
     settings = _settings(args, ctx)
     _log_format(settings)
     use_async = settings.archive_async if args.async_ is None else args.async_
@@ -106,7 +107,7 @@ def run_push(args: Args, ctx: Context | None) -> int:
         from saveit_backup.ops.wal_spool import push_async
 
         outcome = push_async(settings, args.path, args.timeout, {"repository": args.wal_repo or getattr(args, "repo", None)},
-                             args.wal_config or getattr(args, "config", None))
+                             args.wal_config or getattr(args, "config", None), waited_since)
         _info("%s: %s (async)", os.path.basename(args.path), outcome)
         return 0
     from saveit_backup.ops.wal_push import clean_prefetch, open_repo, push_file
@@ -217,7 +218,7 @@ def _parse_with_argparse(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def fast_main(argv: Sequence[str]) -> int:
+def fast_main(argv: Sequence[str], waited_since: float | None = None) -> int:
     """``wal-push`` / ``wal-fetch`` without the full parser or other commands' imports."""
     args: Args | None = quick_args(argv)
     if args is None:
@@ -233,7 +234,7 @@ def fast_main(argv: Sequence[str]) -> int:
     if args.command == "wal-fetch":
         return run_fetch(args, None)
     try:
-        return run_push(args, None)
+        return run_push(args, None, waited_since)
     except SaveitError as exc:
         print(f"saveit-backup: error {exc}", file=sys.stderr)
         return exc.exit_status

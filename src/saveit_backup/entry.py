@@ -19,16 +19,21 @@ def main() -> int:
         from saveit_backup.ops.wal_spool import acknowledged
         from saveit_backup.wal_args import quick_args
 
-        if acknowledged(quick_args(argv), os.environ):  # async mode, already pushed by the worker: nothing else to load
+        ack = acknowledged(quick_args(argv), os.environ)  # async mode, pushed by the worker: nothing else to load
+        if ack.done:
             status = 0
         else:
             from saveit_backup.cli_wal import fast_main
 
-            status = fast_main(argv)
+            status = fast_main(argv, ack.waited_since)
         # Leave without the interpreter's teardown, about 4 ms of every archive_command (measured
         # here): a push leaves no thread running and no file open, only stdio to flush.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):  # closed by the caller: nothing to say there
+                pass
         os._exit(status)
     if argv and argv[0] in FAST_COMMANDS:
         from saveit_backup.cli_wal import fast_main

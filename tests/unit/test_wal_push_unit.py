@@ -129,31 +129,47 @@ def test_acknowledged(tmp_path: Path, args: list[str], environ: dict[str, str], 
     env = {"BACKUP_SPOOL_DIR": spool.root, **{k: v.format(cfg=cfg) for k, v in environ.items()}}
     if config_text is not None and "spool_dir" in config_text:
         del env["BACKUP_SPOOL_DIR"]
-    assert acknowledged(quick_args(["wal-push", *(a.format(path=path) for a in args)]), env) is expected
+    assert acknowledged(quick_args(["wal-push", *(a.format(path=path) for a in args)]), env).done is expected
     assert Path(spool.request(NAME)).exists() is not expected  # an acknowledged request is consumed
 
 
-def test_push_paths_store_the_same_bytes(repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Files up to BUFFERED_MAX are mapped and compressed in one call, bigger ones stream; both read back equal."""
+@pytest.mark.parametrize("mapped", [True, False])
+def test_push_paths_store_the_same_bytes(repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: bool) -> None:
+    """Files up to BUFFERED_MAX are compressed in one call (mapped, or read into a reused buffer), bigger
+    ones stream; all read back equal, and the CPU slot is given back, on errors too."""
     import threading
 
+    import zstandard
+
     from saveit_backup.ops import wal_push
+    from saveit_backup.pipeline.envelope import _Reader, read_header
     from saveit_backup.repo.layout import wal_key
 
+    def body(name: str) -> bytes:
+        reader = _Reader(repo.storage.open(wal_key(name)))
+        read_header(reader, name)
+        return b"".join(reader.rest())
+
+    empty = tmp_path / "00000003.history"
+    empty.touch()
     history = tmp_path / "00000002.history"
     history.write_text("1\t0/3000000\tno recovery target specified\n")
     cpu = threading.BoundedSemaphore(1)
-    for path in (segment(tmp_path, 9, fill=7), history):
-        assert push_file(repo, str(path), cpu=cpu).status == "stored"
+    for path in (segment(tmp_path, 9, fill=7), history, segment(tmp_path, 12, fill=9), empty):
+        assert push_file(repo, str(path), cpu=cpu, mapped=mapped).status == "stored"
         assert b"".join(repo.read_object(wal_key(path.name))) == path.read_bytes()
+        assert zstandard.get_frame_parameters(body(path.name)).content_size == path.stat().st_size  # one call
     assert cpu.acquire(blocking=False)  # given back after each push
     cpu.release()
     monkeypatch.setattr(wal_push, "BUFFERED_MAX", 1 << 20)
     (tmp_path / "s").mkdir()
     streamed = segment(tmp_path / "s", 10, fill=8)
-    assert push_file(repo, str(streamed), cpu=cpu).status == "stored"
+    assert push_file(repo, str(streamed), cpu=cpu, mapped=mapped).status == "stored"
     assert b"".join(repo.read_object(wal_key(streamed.name))) == streamed.read_bytes()
-    assert push_file(repo, str(streamed)).status == "exists"
+    assert zstandard.get_frame_parameters(body(streamed.name)).content_size == zstandard.CONTENTSIZE_UNKNOWN  # streamed
+    assert push_file(repo, str(streamed), cpu=cpu).status == "exists"
+    assert cpu.acquire(blocking=False)
+    cpu.release()
 
     def broken(*_: object, **__: object) -> bytes:
         raise OSError("disk gone")
@@ -161,7 +177,7 @@ def test_push_paths_store_the_same_bytes(repo: Repository, tmp_path: Path, monke
     monkeypatch.setattr(wal_push, "BUFFERED_MAX", 64 << 20)
     monkeypatch.setattr("saveit_backup.pipeline.envelope.encode_buffer", broken)
     with pytest.raises(OSError):
-        push_file(repo, str(segment(tmp_path / "s", 11)), cpu=cpu)
+        push_file(repo, str(segment(tmp_path / "s", 11)), cpu=cpu, mapped=mapped)
     assert cpu.acquire(blocking=False)  # given back on errors too
 
 
@@ -206,15 +222,47 @@ def test_client_waits_cheaply_for_a_running_worker(tmp_path: Path, outcome: str)
     answer = threading.Thread(target=worker)
     answer.start()
     try:
-        acked = acknowledged(quick_args(["wal-push", "--async", path]), {"BACKUP_SPOOL_DIR": spool.root})
+        ack = acknowledged(quick_args(["wal-push", "--async", path]), {"BACKUP_SPOOL_DIR": spool.root})
         answer.join()
-        assert acked is (outcome == "ok")
+        assert ack.done is (outcome == "ok")
         if outcome == "ok":
             assert not Path(spool.request(NAME)).exists()  # consumed
             return
-        assert Path(spool.error(NAME)).exists()
+        assert Path(spool.error(NAME)).exists() and ack.waited_since is not None
         settings = config.load({"spool_dir": spool.root}, environ={})
         with pytest.raises(TransientStorageError, match="bucket unreachable"):
-            push_async(settings, path, timeout=5)
+            push_async(settings, path, timeout=5, waited_since=ack.waited_since)
     finally:
         os.close(lock)
+
+
+def test_cheap_wait_keeps_to_the_timeout_and_notices_the_worker_leaving(tmp_path: Path) -> None:
+    """A running worker that never answers: the cheap wait and the full wait together end at --timeout;
+    a worker that exits mid-wait hands over to the full wal-push at once."""
+    import os
+    import threading
+    import time
+
+    from saveit_backup.errors import TransientStorageError
+    from saveit_backup.ops.wal_spool import acknowledged, push_async
+    from saveit_backup.wal_args import quick_args
+
+    spool = Spool(str(tmp_path / "spool"))
+    spool.create()
+    path = str(tmp_path / "pg_wal" / NAME)
+    lock = _hold_worker_lock(spool)
+    started = time.monotonic()
+    try:
+        ack = acknowledged(quick_args(["wal-push", "--async", "--timeout", "0.5", path]), {"BACKUP_SPOOL_DIR": spool.root})
+        assert not ack.done and ack.waited_since is not None and 0.4 < time.monotonic() - started < 2
+        settings = config.load({"spool_dir": spool.root}, environ={})
+        with pytest.raises(TransientStorageError, match="did not finish"):
+            push_async(settings, path, timeout=0.5, waited_since=ack.waited_since)
+        assert time.monotonic() - started < 2  # not a second full timeout
+    finally:
+        os.close(lock)
+    lock = _hold_worker_lock(spool)
+    threading.Timer(0.3, os.close, (lock,)).start()  # the worker exits
+    started = time.monotonic()
+    ack = acknowledged(quick_args(["wal-push", "--async", path]), {"BACKUP_SPOOL_DIR": spool.root})
+    assert not ack.done and time.monotonic() - started < 2  # not the 10 s cheap wait

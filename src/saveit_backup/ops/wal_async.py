@@ -152,7 +152,7 @@ class Worker:
                 for name in sorted(ready, key=_order):
                     if len(inflight) >= self.jobs * 2:
                         break
-                    inflight[name] = pool.submit(push_file, repo, ready[name], options, name, cpu)  # type: ignore[arg-type]
+                    inflight[name] = pool.submit(push_file, repo, ready[name], options, name, cpu, False)  # type: ignore[arg-type]
                 if inflight:
                     done, _ = wait(list(inflight.values()), timeout=self.poll, return_when=FIRST_COMPLETED)
                     for name, fut in list(inflight.items()):

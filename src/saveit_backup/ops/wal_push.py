@@ -109,11 +109,11 @@ def check_file(path: str, name: str, fd: int) -> None:
 
 
 def push_file(repo: Repository, path: str, options: EncodeOptions | None = None, name: str | None = None,
-              cpu: Semaphore | None = None) -> PushResult:
+              cpu: Semaphore | None = None, mapped: bool = True) -> PushResult:
     """Store the WAL file at ``path`` under its name (see the module contract).
 
     ``cpu``, from parallel pushers, is held while reading and compressing, not while storing:
-    more compressions at once than cores only slow each other down."""
+    more compressions at once than cores only slow each other down.  ``mapped``: see ``_encode_whole``."""
     from saveit_backup.pipeline.envelope import Digest, encode
 
     started = time.monotonic()
@@ -134,42 +134,69 @@ def push_file(repo: Repository, path: str, options: EncodeOptions | None = None,
         # A writer that cannot decrypt (public keys only) records the hash in the header to compare later.
         needs_sha = opts.encrypt and not repo.keyring.can_read
         digest = Digest()
+        big = os.fstat(fd).st_size > BUFFERED_MAX
         stored: bytes | Iterator[bytes]
-        if os.fstat(fd).st_size <= BUFFERED_MAX:  # bytes: the storage retry wrapper can replay them
-            stored = _encode_whole(fd, opts, repo, digest, needs_sha, cpu)
-        else:  # segments of 128 MiB and more stream
+        if not big:  # bytes: the storage retry wrapper can replay them
+            stored = _encode_whole(fd, opts, repo, digest, needs_sha, cpu, mapped)
+        else:  # segments of 128 MiB and more stream, compressed while stored
             stored = encode(_chunks(fd), opts, repo.keyring, digest, plain_sha256=_file_sha256(fd) if needs_sha else None)
+        if big and cpu is not None:
+            cpu.acquire()
         try:
             repo.storage.put(key, stored, if_absent=True)
         except AlreadyExists:
             _compare_existing(repo, key, name, digest.plain_sha256 or _file_sha256(fd))
             return PushResult(name, key, "exists", os.fstat(fd).st_size, 0, time.monotonic() - started)
+        finally:
+            if big and cpu is not None:
+                cpu.release()
         return PushResult(name, key, "stored", digest.plain_size, digest.stored_size, time.monotonic() - started)
     finally:
         os.close(fd)
 
 
-def _encode_whole(fd: int, opts: EncodeOptions, repo: Repository, digest: Digest, needs_sha: bool, cpu: Semaphore | None) -> bytes:
-    """The file mapped and compressed in one call: about 20% less CPU than streaming it, and no
-    copy of it in our memory (a fresh 16 MiB buffer per segment costs page faults: 12 ms of system
-    time each, measured here).  WAL files are not changed while PostgreSQL waits for their archiving."""
-    import mmap
+def _encode_whole(fd: int, opts: EncodeOptions, repo: Repository, digest: Digest, needs_sha: bool, cpu: Semaphore | None,
+                  mapped: bool) -> bytes:
+    """The file compressed in one call: about 20% less CPU than streaming it (measured here).
 
+    ``mapped`` (one push per process, ``archive_command``): the file is mapped, the cheapest read
+    (no copy, no fresh 16 MiB buffer: a fresh one costs about 10 ms of page faults per call here).
+    A read error or a truncation while mapped ends the process with SIGBUS, which PostgreSQL
+    reports and retries; nothing has been stored then.  Long-running pushers (the async worker,
+    wal-receive) pass False: the file is read into a buffer kept for their next push."""
     from saveit_backup.pipeline.envelope import encode_buffer
 
     size = os.fstat(fd).st_size
     if cpu is not None:
         cpu.acquire()
     try:
-        if size == 0:
-            return encode_buffer(b"", opts, repo.keyring, digest, plain_sha256=_sha256_hex(b"") if needs_sha else None)
-        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
-            mapped.madvise(mmap.MADV_SEQUENTIAL)
-            with memoryview(mapped) as data:
+        if mapped and size > 0:
+            import mmap
+
+            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping, memoryview(mapping) as data:
                 return encode_buffer(data, opts, repo.keyring, digest, plain_sha256=_sha256_hex(data) if needs_sha else None)
+        buf = _SPARE.pop() if _SPARE else bytearray()
+        try:
+            with _read_whole(fd, size, buf) as data:
+                return encode_buffer(data, opts, repo.keyring, digest, plain_sha256=_sha256_hex(data) if needs_sha else None)
+        finally:
+            _SPARE.append(buf)
     finally:
         if cpu is not None:
             cpu.release()
+
+
+# Read buffers kept for the next push of this process (list.pop/append are atomic: one per thread in use).
+_SPARE: list[bytearray] = []
+
+
+def _read_whole(fd: int, size: int, buf: bytearray) -> memoryview:
+    """The whole file read into ``buf`` (grown as needed) in one call; chunk by chunk if it changed size meanwhile."""
+    if len(buf) <= size:
+        buf.extend(bytes(size + 1 - len(buf)))
+    if os.preadv(fd, [buf], 0) == size:  # asked for one byte more: nothing follows
+        return memoryview(buf)[:size]
+    return memoryview(b"".join(_chunks(fd)))
 
 
 def _compare_existing(repo: Repository, key: str, name: str, local_sha256: str) -> None:

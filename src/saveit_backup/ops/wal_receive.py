@@ -103,7 +103,7 @@ class Receiver:
                 continue
             path = os.path.join(self.staging, name)
             try:
-                result = push_file(self.repo, path)
+                result = push_file(self.repo, path, mapped=False)
             except (WalMismatch, IntegrityError):
                 raise
             except SaveitError as exc:  # transient: keep the local copy, retry on the next round

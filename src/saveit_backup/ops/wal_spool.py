@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     from saveit_backup.config import Settings
 
 DEFAULT_TIMEOUT = 60.0
-FAST_WAIT = 10.0  # the cheap wait for a running worker; then the full wal-push waits (and reports)
-_CLEARED: set[str] = set()  # names whose earlier error this process's cheap wait removed before asking
+FAST_WAIT = 10.0  # at most this much of --timeout is the cheap wait for a running worker; the full wal-push waits the rest
 LOG_ROTATE_BYTES = 10 << 20
 DROPPED = "dropped"
 
@@ -135,17 +134,31 @@ def write_atomic(path: str, text: str) -> None:
 _TRUE = ("1", "true", "yes", "on")  # as config.TRUE
 
 
-def acknowledged(args: SimpleNamespace | None, environ: dict[str, str] | os._Environ[str]) -> bool:
+class FastAck:
+    """What ``acknowledged`` found: ``done`` (the worker pushed the file: exit 0 now), else, after a
+    cheap wait for a running worker, when that wait began (``time.monotonic()``): the full wal-push
+    then waits only the rest of ``--timeout`` and reports an error written meanwhile (the wait
+    removed the earlier one before asking)."""
+
+    __slots__ = ("done", "waited_since")
+
+    def __init__(self, done: bool, waited_since: float | None = None) -> None:
+        self.done = done
+        self.waited_since = waited_since
+
+
+def acknowledged(args: SimpleNamespace | None, environ: dict[str, str] | os._Environ[str]) -> FastAck:
     """``wal-push [--async] PATH`` (``args`` from ``wal_args.quick_args``) whose file the worker has
-    already pushed: consume the ack, True.
+    pushed, now or while this call waits for the running worker: consume the ack, done.
 
     PostgreSQL's common case in async mode, answered before the configuration and the CLI load.
-    False whenever anything needs them (no ``--async`` nor BACKUP_ARCHIVE_ASYNC, a config file that
-    sets the spool or async mode, --verbose, arguments quick_args could not parse, a dropped or
-    failed file, no ack yet): the caller then runs the full ``wal-push``, which decides and reports.
+    Not done whenever anything needs them (no ``--async`` nor BACKUP_ARCHIVE_ASYNC, a config file
+    that sets the spool or async mode, --verbose, arguments quick_args could not parse, no worker
+    running, a dropped or failed file, ``--timeout`` passed): the caller then runs the full
+    ``wal-push``, which decides and reports.
     """
     if args is None or args.command != "wal-push" or args.wal_verbose:
-        return False
+        return FastAck(False)
     use_async = bool(args.async_) or environ.get("BACKUP_ARCHIVE_ASYNC", "").strip().lower() in _TRUE
     config_file = args.wal_config or environ.get("BACKUP_CONFIG")
     spool_dir = environ.get("BACKUP_SPOOL_DIR")
@@ -154,23 +167,25 @@ def acknowledged(args: SimpleNamespace | None, environ: dict[str, str] | os._Env
             with open(config_file, encoding="utf-8") as f:
                 text = f.read()
         except OSError:
-            return False
+            return FastAck(False)
         if (spool_dir is None and "spool_dir" in text) or (not use_async and "archive_async" in text):
-            return False
+            return FastAck(False)
     if not use_async:
-        return False
+        return FastAck(False)
     path = os.path.abspath(args.path)
     name = os.path.basename(path)
     if not name or name.startswith("."):
-        return False
+        return FastAck(False)
     spool = Spool.at(spool_dir or "", os.path.dirname(path))
     status = _ack(spool, name)
+    waited_since = None
     if status is None and os.path.isdir(spool.requests) and spool.worker_running():
-        status = _wait_running(spool, name, path)
+        waited_since = time.monotonic()
+        status = _wait_running(spool, name, path, waited_since + min(FAST_WAIT, float(args.timeout)))
     if status != "pushed":
-        return False
+        return FastAck(False, waited_since)
     unlink_missing_ok(spool.request(name))
-    return True
+    return FastAck(True)
 
 
 def _ack(spool: Spool, name: str) -> str | None:
@@ -182,16 +197,14 @@ def _ack(spool: Spool, name: str) -> str | None:
         return None
 
 
-def _wait_running(spool: Spool, name: str, path: str) -> str | None:
+def _wait_running(spool: Spool, name: str, path: str, deadline: float) -> str | None:
     """Wait for the running worker's ack, still without the configuration and the CLI loaded.
 
     When PostgreSQL asks faster than the worker pushes (a backlog), every call waits: loading
     everything meanwhile would take CPU from the worker.  None as soon as anything needs the full
-    ``wal-push`` (an error, the worker gone, ``FAST_WAIT`` seconds passed)."""
+    ``wal-push`` (an error, the worker gone, ``deadline`` passed)."""
     unlink_missing_ok(spool.error(name))  # an earlier attempt's failure: wait for a fresh one, as push_async does
-    _CLEARED.add(name)
     write_atomic(spool.request(name), path)  # a file PostgreSQL has not marked .ready is pushed too
-    deadline = time.monotonic() + FAST_WAIT
     next_check = time.monotonic() + 0.1
     while True:
         time.sleep(0.002)
@@ -208,8 +221,11 @@ def _wait_running(spool: Spool, name: str, path: str) -> str | None:
 
 
 def push_async(settings: Settings, path: str, timeout: float = DEFAULT_TIMEOUT,
-               cli_values: dict[str, Any] | None = None, config_file: str | None = None) -> str:
-    """Return "pushed" or "dropped" once the worker has handled ``path``; raise its error otherwise."""
+               cli_values: dict[str, Any] | None = None, config_file: str | None = None,
+               waited_since: float | None = None) -> str:
+    """Return "pushed" or "dropped" once the worker has handled ``path``; raise its error otherwise.
+
+    ``waited_since``: ``FastAck.waited_since`` of this call's cheap wait, which started the timeout."""
     path = os.path.abspath(path)
     name = os.path.basename(path)
     if not name or name.startswith("."):  # the worker checks the name fully; this keeps the spool's paths sane
@@ -220,10 +236,10 @@ def push_async(settings: Settings, path: str, timeout: float = DEFAULT_TIMEOUT,
     result = _consume(spool, name, errors_too=False)
     if result is not None:
         return result
-    if name not in _CLEARED:  # else the cheap wait cleared it already, and an error now is this attempt's
+    if waited_since is None:  # else the cheap wait cleared it already, and an error now is this attempt's
         unlink_missing_ok(spool.error(name))  # an earlier attempt's failure: wait for a fresh one (the worker retries now)
     write_atomic(spool.request(name), path)
-    deadline = time.monotonic() + timeout
+    deadline = (time.monotonic() if waited_since is None else waited_since) + timeout
     next_check = 0.0
     delay = 0.005
     while True:

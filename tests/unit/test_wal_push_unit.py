@@ -142,7 +142,7 @@ def test_push_paths_store_the_same_bytes(repo: Repository, tmp_path: Path, monke
     import zstandard
 
     from saveit_backup.ops import wal_push
-    from saveit_backup.pipeline.envelope import _Reader, read_header
+    from saveit_backup.pipeline.envelope import _Reader, describe, read_header
     from saveit_backup.repo.layout import wal_key
 
     def body(name: str) -> bytes:
@@ -158,7 +158,8 @@ def test_push_paths_store_the_same_bytes(repo: Repository, tmp_path: Path, monke
     for path in (segment(tmp_path, 9, fill=7), history, segment(tmp_path, 12, fill=9), empty):
         assert push_file(repo, str(path), cpu=cpu, mapped=mapped).status == "stored"
         assert b"".join(repo.read_object(wal_key(path.name))) == path.read_bytes()
-        assert zstandard.get_frame_parameters(body(path.name)).content_size == path.stat().st_size  # one call
+        assert zstandard.get_frame_parameters(body(path.name)).content_size == path.stat().st_size  # one call, one frame
+        assert "zstd_frame" not in describe(repo.storage.open(wal_key(path.name)))
     assert cpu.acquire(blocking=False)  # given back after each push
     cpu.release()
     monkeypatch.setattr(wal_push, "BUFFERED_MAX", 1 << 20)
@@ -166,7 +167,7 @@ def test_push_paths_store_the_same_bytes(repo: Repository, tmp_path: Path, monke
     streamed = segment(tmp_path / "s", 10, fill=8)
     assert push_file(repo, str(streamed), cpu=cpu, mapped=mapped).status == "stored"
     assert b"".join(repo.read_object(wal_key(streamed.name))) == streamed.read_bytes()
-    assert zstandard.get_frame_parameters(body(streamed.name)).content_size == zstandard.CONTENTSIZE_UNKNOWN  # streamed
+    assert describe(repo.storage.open(wal_key(streamed.name)))["zstd_frame"] == 4 << 20  # streamed: 4 MiB frames
     assert push_file(repo, str(streamed), cpu=cpu).status == "exists"
     assert cpu.acquire(blocking=False)
     cpu.release()

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from saveit_backup.errors import EncryptionConfigError, IntegrityError, RepositoryFormatError
-from saveit_backup.pipeline.compress import check_codec, compress_buffer, compress_stream, decompress_stream
+from saveit_backup.pipeline.compress import check_codec, compress_buffer, compress_stream, decompress_stream, zstd_frame_input
 from saveit_backup.pipeline.crypto import FRAME_SIZE, Keyring, decrypt_frames, encrypt_frames
 
 MAGIC = b"SVB"
@@ -72,9 +72,12 @@ def _count(chunks: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
         yield chunk
 
 
-def _start(options: EncodeOptions, keyring: Keyring | None, digest: Digest, plain_sha256: str | None) -> tuple[bytes, bytes]:
+def _start(options: EncodeOptions, keyring: Keyring | None, digest: Digest, plain_sha256: str | None,
+           zstd_frame: int = 0) -> tuple[bytes, bytes]:
     """(envelope prefix and header, data key or b"") for a new object; records codec and cipher in ``digest``."""
     header: dict[str, Any] = {"codec": check_codec(options.codec), "cipher": "none"}
+    if zstd_frame:
+        header["zstd_frame"] = zstd_frame
     if plain_sha256:
         header["sha256"] = plain_sha256
         digest.plain_sha256 = plain_sha256
@@ -97,7 +100,7 @@ def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | N
     header (authenticated with the body) so the object can be compared without
     decrypting it, e.g. by a host that holds only public keys.
     """
-    header_bytes, data_key = _start(options, keyring, digest, plain_sha256)
+    header_bytes, data_key = _start(options, keyring, digest, plain_sha256, zstd_frame_input(options.codec, options.threads))
 
     def body() -> Iterator[bytes]:
         yield _PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(header_bytes)) + header_bytes
@@ -186,7 +189,7 @@ def decode(chunks: Iterable[bytes], keyring: Keyring | None, what: str = "object
             body = decrypt_frames(body, key, header_bytes, what, int(header.get("frame", FRAME_SIZE)))
         elif cipher != "none":
             raise RepositoryFormatError(f"{what}: unsupported cipher {cipher!r}")
-        plain = decompress_stream(body, str(header.get("codec")))
+        plain = decompress_stream(body, str(header.get("codec")), bool(header.get("zstd_frame")))
     except BaseException:
         _close(chunks)
         raise

@@ -201,18 +201,28 @@ def test_single_threaded_zstd_writes_frames_and_an_end_marker(size: int, chunk: 
     """threads=0 zstd: 4 MiB frames compressed in one call each, then an end marker that counts the plain
     bytes; a body cut anywhere, even between frames, or extended, is refused; standard zstd reads it."""
     import shutil
+    import struct
     import subprocess
 
-    from saveit_backup.pipeline.compress import ZSTD_FRAME_INPUT, compress_stream, decompress_stream
+    import zstandard
+
+    from saveit_backup.pipeline.compress import DECODE_SLICE, ZSTD_FRAME_INPUT, compress_stream, decompress_stream
 
     plain = (PLAIN * (size // len(PLAIN) + 1))[:size]
     body = b"".join(compress_stream(chunks(plain, chunk), "zstd", 3, threads=0))
     assert b"".join(decompress_stream(chunks(body, 3333), "zstd", zstd_framed=True)) == plain
-    import zstandard
-
     frames = [zstandard.ZstdCompressor(level=3).compress(plain[i : i + ZSTD_FRAME_INPUT]) for i in range(0, size, ZSTD_FRAME_INPUT)]
-    assert body == b"".join(frames) + body[-16:]  # the frames as written, then the 16-byte marker
+    assert body == b"".join(frames) + struct.pack("<IIQ", 0x184D2A5E, 8, size)  # the frames, then the end marker
     boundaries = [sum(len(f) for f in frames[:k]) for k in range(len(frames) + 1)]
+    assert b"".join(decompress_stream(chunks(body, DECODE_SLICE), "zstd", zstd_framed=True)) == plain
+    for split in (len(body) - 8, len(body) - 15, *[b + 2 for b in boundaries if b + 2 < len(body)]):  # marker or frame split
+        assert b"".join(decompress_stream([body[:split], body[split:]], "zstd", zstd_framed=True)) == plain
+    if len(frames) > 1:  # a frame dropped, the marker kept: the count differs
+        with pytest.raises(IntegrityError, match="end marker says"):
+            b"".join(decompress_stream([b"".join(frames[1:]) + body[-16:]], "zstd", zstd_framed=True))
+    if size:
+        with pytest.raises(IntegrityError):  # a one-frame reader refuses a framed body
+            b"".join(decompress_stream([body], "zstd"))
     for cut in {0, 1, len(body) - 1, len(body) - 16, len(body) - 17, *[b for b in boundaries if 0 < b < len(body)]}:
         with pytest.raises(IntegrityError):
             b"".join(decompress_stream([body[:cut]], "zstd", zstd_framed=True))
@@ -227,13 +237,18 @@ def test_zstd_frame_header_only_where_frames_are_written() -> None:
     before framing existed decode as one frame."""
     from saveit_backup.pipeline.compress import compress_stream
 
-    framed = b"".join(encode(chunks(PLAIN), EncodeOptions(threads=0), None, Digest()))
-    threaded = b"".join(encode(chunks(PLAIN), EncodeOptions(threads=2), None, Digest()))
-    buffered = encode_buffer(PLAIN, EncodeOptions(threads=0), None, Digest())
-    assert describe([framed])["zstd_frame"] == 4 << 20
+    big = PLAIN * 4  # several frames
+    writer, reader = Keyring(passphrase="pw"), Keyring(passphrase="pw")
+    framed = b"".join(encode(chunks(big), EncodeOptions(threads=0), None, Digest()))
+    sealed = b"".join(encode(chunks(big, 1 << 20), EncodeOptions(threads=0, encrypt=True), writer, Digest()))
+    threaded = b"".join(encode(chunks(big), EncodeOptions(threads=2), None, Digest()))
+    buffered = encode_buffer(big, EncodeOptions(threads=0), None, Digest())
+    assert describe([framed])["zstd_frame"] == describe([sealed])["zstd_frame"] == 4 << 20
+    assert framed[3] == sealed[3] == 2 and threaded[3] == buffered[3] == 1  # envelope version: older readers refuse 2
     assert "zstd_frame" not in describe([threaded]) and "zstd_frame" not in describe([buffered])
     for stored in (framed, threaded, buffered):
-        assert b"".join(decode(chunks(stored, 9999), None)) == PLAIN
+        assert b"".join(decode(chunks(stored, 9999), None)) == big
+    assert b"".join(decode(chunks(sealed, 9999), reader)) == big
     old = b"SVB\x01" + len(b'{"cipher":"none","codec":"zstd"}').to_bytes(4, "big") + b'{"cipher":"none","codec":"zstd"}'
     old += b"".join(compress_stream(chunks(PLAIN), "zstd", 3, threads=1))  # one streaming frame, as version 1 wrote
     assert b"".join(decode([old], None)) == PLAIN

@@ -98,20 +98,27 @@ def compress_stream(chunks: Iterable[bytes], codec: str, level: int | None = Non
 
 
 def _zstd_frames(chunks: Iterable[bytes], level: int) -> Iterator[bytes]:
-    """Frames of ``ZSTD_FRAME_INPUT`` plain bytes (the last one shorter), then the end marker."""
+    """Frames of ``ZSTD_FRAME_INPUT`` plain bytes (the last one shorter), then the end marker.
+
+    Whole frames are compressed straight from the caller's chunks; only a frame that spans chunks
+    is gathered (at most one frame's bytes held)."""
     zc = _zstd_compressor(level, 0)
     pending = bytearray()
     total = 0
     for chunk in chunks:
         total += len(chunk)
-        if not pending and len(chunk) == ZSTD_FRAME_INPUT:  # the backup's reads: no copy
-            yield from _pieces(zc.compress(chunk))
-            continue
-        pending += chunk
-        while len(pending) >= ZSTD_FRAME_INPUT:
-            frame = zc.compress(pending[:ZSTD_FRAME_INPUT])
-            del pending[:ZSTD_FRAME_INPUT]
-            yield from _pieces(frame)
+        with memoryview(chunk) as view:
+            start = 0
+            if pending:
+                start = min(len(view), ZSTD_FRAME_INPUT - len(pending))
+                pending += view[:start]
+                if len(pending) == ZSTD_FRAME_INPUT:
+                    yield from _pieces(zc.compress(pending))
+                    pending.clear()
+            while len(view) - start >= ZSTD_FRAME_INPUT:
+                yield from _pieces(zc.compress(view[start : start + ZSTD_FRAME_INPUT]))
+                start += ZSTD_FRAME_INPUT
+            pending += view[start:]
     if pending:
         yield from _pieces(zc.compress(pending))
     yield _END.pack(_END_MAGIC, 8, total)
@@ -168,13 +175,16 @@ def _zstd_unframe(pieces: Iterator[memoryview]) -> Iterator[bytes]:
         if frame is None:  # at a frame boundary: a frame or the end marker follows
             while len(buf) < _END.size and (piece := next(pieces, None)) is not None:
                 buf += piece
-            if len(buf) >= 4 and int.from_bytes(buf[:4], "little") == _END_MAGIC:
+            if len(buf) >= 4 and int.from_bytes(buf[:4], "little") & 0xFFFFFFF0 == _END_MAGIC & 0xFFFFFFF0:  # skippable
                 if len(buf) < _END.size:
                     raise IntegrityError("compressed stream is truncated (zstd end marker incomplete)")
-                _, length, size = _END.unpack_from(buf)
-                if length != 8 or size != total or len(buf) > _END.size or next(pieces, None) is not None:
-                    raise IntegrityError(f"corrupt zstd stream: end marker says {size} bytes, the frames held {total}"
-                                         if size != total else "corrupt zstd stream: data after its end marker")
+                magic, length, size = _END.unpack_from(buf)
+                if magic != _END_MAGIC or length != 8:
+                    raise IntegrityError("corrupt zstd stream: a skippable frame that is not saveit's end marker")
+                if size != total:
+                    raise IntegrityError(f"corrupt zstd stream: end marker says {size} bytes, the frames held {total}")
+                if len(buf) > _END.size or next(pieces, None) is not None:
+                    raise IntegrityError("corrupt zstd stream: data after its end marker")
                 return
             if not buf:
                 raise IntegrityError("compressed stream is truncated (no zstd end marker)")
@@ -210,6 +220,8 @@ def decompress_stream(chunks: Iterable[bytes], codec: str, zstd_framed: bool = F
                     yield out
             if not zd.eof:
                 raise IntegrityError("compressed stream is truncated (zstd frame incomplete)")
+            if zd.unused_data:  # one frame means one: e.g. a framed body read without its header's zstd_frame
+                raise IntegrityError("corrupt zstd stream: data after its frame")
         elif codec == "lz4":
             import lz4.frame
 

@@ -24,6 +24,9 @@ from saveit_backup.pipeline.crypto import FRAME_SIZE, Keyring, decrypt_frames, e
 
 MAGIC = b"SVB"
 ENVELOPE_VERSION = 1
+# Version 2: the same layout; written for bodies of several zstd frames (header ``zstd_frame``), so
+# that builds which read only one frame refuse them instead of returning the first frame's bytes.
+ENVELOPE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct(">3sBI")
 MAX_HEADER = 1 << 20
 
@@ -100,10 +103,11 @@ def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | N
     header (authenticated with the body) so the object can be compared without
     decrypting it, e.g. by a host that holds only public keys.
     """
-    header_bytes, data_key = _start(options, keyring, digest, plain_sha256, zstd_frame_input(options.codec, options.threads))
+    framed = zstd_frame_input(options.codec, options.threads)
+    header_bytes, data_key = _start(options, keyring, digest, plain_sha256, framed)
 
     def body() -> Iterator[bytes]:
-        yield _PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(header_bytes)) + header_bytes
+        yield _PREFIX.pack(MAGIC, 2 if framed else ENVELOPE_VERSION, len(header_bytes)) + header_bytes
         stream = compress_stream(_observe(chunks, digest, options.hash and not plain_sha256), options.codec, options.level,
                                  options.threads)
         if options.encrypt:
@@ -160,8 +164,9 @@ def read_header(reader: _Reader, what: str) -> tuple[dict[str, Any], bytes]:
     magic, version, length = _PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise IntegrityError(f"{what}: not a saveit-backup object (bad magic)")
-    if version != ENVELOPE_VERSION:
-        raise RepositoryFormatError(f"{what}: object envelope version {version} is not supported (this build reads {ENVELOPE_VERSION})")
+    if version not in ENVELOPE_VERSIONS:
+        raise RepositoryFormatError(f"{what}: object envelope version {version} is not supported (this build reads "
+                                    f"{', '.join(map(str, ENVELOPE_VERSIONS))})")
     if length > MAX_HEADER:
         raise IntegrityError(f"{what}: object header length {length} is implausible")
     header_bytes = reader.take(length)

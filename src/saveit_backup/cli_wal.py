@@ -122,12 +122,13 @@ def run_push(args: Args, ctx: Context | None, waited_since: float | None = None)
 def run_fetch(args: Args, ctx: Context | None) -> int:
     """Never exits 1 except for 'not in the archive'."""
     try:
-        from saveit_backup.ops.wal_fetch import fetch, take_cached
+        from saveit_backup.ops.wal_cache import take_cached
 
         if take_cached(args.name, args.dest):  # served from the prefetch cache: no configuration needed
             return 0
         settings = _settings(args, ctx)
         _log_format(settings)
+        from saveit_backup.ops.wal_fetch import fetch
         from saveit_backup.ops.wal_push import open_repo
 
         result = fetch(open_repo(settings), args.name, args.dest, args.prefetch)

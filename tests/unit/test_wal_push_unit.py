@@ -267,3 +267,33 @@ def test_cheap_wait_keeps_to_the_timeout_and_notices_the_worker_leaving(tmp_path
     started = time.monotonic()
     ack = acknowledged(quick_args(["wal-push", "--async", path]), {"BACKUP_SPOOL_DIR": spool.root})
     assert not ack.done and time.monotonic() - started < 2  # not the 10 s cheap wait
+
+
+def test_wal_fetch_serves_the_prefetch_cache_before_loading_anything(tmp_path: Path) -> None:
+    """A prefetched file is renamed into place even where the configuration could not load; a miss
+    still goes through the full wal-fetch (here: its configuration error, not exit 1)."""
+    import subprocess
+    import sys
+
+    from saveit_backup.ops.wal_cache import PREFETCH_DIR
+
+    pg_wal = tmp_path / "pg_wal"
+    (pg_wal / PREFETCH_DIR).mkdir(parents=True)
+    (pg_wal / PREFETCH_DIR / NAME).write_bytes(b"segment bytes")
+    (pg_wal / PREFETCH_DIR / "000000010000000000000041").write_bytes(b"older: recovery is past it")
+    env = {"PATH": "/usr/bin:/bin", "BACKUP_REPOSITORY": "nosuchscheme://x", "HOME": str(tmp_path)}
+
+    def fetch_cli(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", "saveit_backup", "wal-fetch", name,
+                               str(pg_wal / "RECOVERYXLOG")], env=env, capture_output=True, text=True, timeout=60)
+
+    hit = fetch_cli(NAME)
+    assert hit.returncode == 0, hit.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in hit.stderr.splitlines() if line.startswith("import time:")}
+    assert "saveit_backup.ops.wal_cache" in imported
+    assert not imported & {"saveit_backup.cli_wal", "saveit_backup.config", "saveit_backup.ops.wal_fetch", "typing"}
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == b"segment bytes"
+    assert sorted(p.name for p in (pg_wal / PREFETCH_DIR).iterdir()) == []  # served, and the older one dropped
+    miss = fetch_cli("000000010000000000000043")
+    assert miss.returncode not in (0, 1) and "nosuchscheme" in miss.stderr
+    assert "saveit_backup.cli_wal" in miss.stderr  # the full wal-fetch ran

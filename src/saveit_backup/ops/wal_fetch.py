@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from saveit_backup.errors import NotFound, WalNotFound
-from saveit_backup.ops.wal_push import PREFETCH_DIR, wal_name
+from saveit_backup.ops.wal_cache import SEGSIZE_FILE, TMP_SUFFIX, cache_dir_for, clean_cache, take_cached
+from saveit_backup.ops.wal_push import wal_name
 from saveit_backup.repo import layout
 
 if TYPE_CHECKING:
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("saveit_backup.wal")
 
 DEFAULT_PREFETCH = 8
-STALE_SECONDS = 3600.0
-_TMP = ".tmp-saveit"
-_SEGSIZE_FILE = "segsize"  # remembered segment size (names of the next segments depend on it)
 DEFAULT_SEGSIZE = 16 << 20
 
 
@@ -47,28 +44,10 @@ class FetchResult:
     prefetched: int
 
 
-def cache_dir_for(dest: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(dest)), PREFETCH_DIR)
-
-
-def take_cached(name: str, dest: str) -> bool:
-    """Serve ``name`` from the prefetch cache by renaming it to ``dest``; no configuration needed."""
-    cache = cache_dir_for(dest)
-    try:
-        os.replace(os.path.join(cache, name), dest)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        log.warning("prefetched %s could not be moved to %s: %s", name, dest, exc)
-        return False
-    _clean_cache(cache, name)
-    return True
-
-
 def _write_atomic(chunks: Iterable[bytes], dest: str) -> int:
     """Write to a temporary file next to ``dest`` and rename it into place."""
     directory, base = os.path.split(os.path.abspath(dest))
-    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}{_TMP}")
+    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
     size = 0
     try:
         with open(tmp, "wb") as out:
@@ -111,30 +90,11 @@ def _next_names(name: str, count: int, segsize: int) -> list[str]:
 
 def _segsize(cache: str) -> int:
     try:
-        with open(os.path.join(cache, _SEGSIZE_FILE)) as f:
+        with open(os.path.join(cache, SEGSIZE_FILE)) as f:
             value = int(f.read().strip())
     except (OSError, ValueError):
         return DEFAULT_SEGSIZE
     return value if value >= 1 << 20 and value & (value - 1) == 0 else DEFAULT_SEGSIZE
-
-
-def _clean_cache(cache: str, requested: str) -> None:
-    """Drop cache files recovery will not ask for: older names, old files, leftover temporaries."""
-    now = time.time()
-    try:
-        entries = list(os.scandir(cache))
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name == _SEGSIZE_FILE:
-            continue
-        try:
-            age = now - entry.stat().st_mtime
-            older = len(entry.name) == 24 and len(requested) == 24 and entry.name < requested
-            if older or age > STALE_SECONDS or (entry.name.endswith(_TMP) and age > 60):
-                os.unlink(entry.path)
-        except OSError:
-            pass
 
 
 def fetch(repo: Repository, name: str, dest: str, prefetch: int = DEFAULT_PREFETCH) -> FetchResult:
@@ -148,7 +108,7 @@ def fetch(repo: Repository, name: str, dest: str, prefetch: int = DEFAULT_PREFET
 
     cache = cache_dir_for(dest)
     os.makedirs(cache, mode=0o700, exist_ok=True)
-    _clean_cache(cache, name)
+    clean_cache(cache, name)
     segsize = _segsize(cache)
     wanted = [n for n in _next_names(name, prefetch, segsize) if not os.path.exists(os.path.join(cache, n))]
 
@@ -178,4 +138,4 @@ def _remember_segsize(cache: str, header: bytes, known: int) -> None:
     except ValueError:
         return
     if size != known:
-        _write_atomic([str(size).encode()], os.path.join(cache, _SEGSIZE_FILE))
+        _write_atomic([str(size).encode()], os.path.join(cache, SEGSIZE_FILE))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from saveit_backup.domain.wal import MIN_SEGMENT_SIZE, WalFileKind, check_segment_header, classify_archive_name
 from saveit_backup.errors import AlreadyExists, ConfigError, IntegrityError, SaveitError, WalMismatch
+from saveit_backup.ops.wal_cache import PREFETCH_DIR
 from saveit_backup.repo import layout
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ READ_SIZE = 1 << 20
 # Objects up to this size are encoded in memory and put as bytes, so the storage
 # retry wrapper can replay them; bigger ones (segments of 128 MiB and more) stream.
 BUFFERED_MAX = 64 << 20
-PREFETCH_DIR = ".saveit-prefetch"  # wal_fetch's cache, next to the destination in pg_wal
 PREFETCH_STALE_SECONDS = 600.0
 
 

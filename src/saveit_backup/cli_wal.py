@@ -110,7 +110,8 @@ def run_push(args: Args, ctx: Context | None, waited_since: float | None = None)
                              args.wal_config or getattr(args, "config", None), waited_since)
         _info("%s: %s (async)", os.path.basename(args.path), outcome)
         return 0
-    from saveit_backup.ops.wal_push import clean_prefetch, open_repo, push_file
+    from saveit_backup.ops.wal_cache import clean_prefetch
+    from saveit_backup.ops.wal_push import open_repo, push_file
 
     result = push_file(open_repo(settings), args.path)
     _info("%s: %s, %d -> %d bytes, %.0f ms", result.name, result.status, result.plain_size, result.stored_size,

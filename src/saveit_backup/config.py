@@ -115,10 +115,10 @@ class Settings:
     def page_xor(self) -> bool:
         """diff/incr pages as XOR with the reference's: on, off, or auto (file repositories, where reading the
         reference back costs no download)."""
+        from saveit_backup.storage.registry import url_scheme
+
         mode = self.values["incremental_xor"]
-        url = self.repository_url
-        local = "://" not in url or url.split("://", 1)[0].lower() == "file"  # as storage.registry reads it
-        return bool(mode == "on" or (mode == "auto" and local))
+        return bool(mode == "on" or (mode == "auto" and url_scheme(self.repository_url) == "file"))
 
     def with_values(self, **overrides: Any) -> Settings:
         values = dict(self.values)

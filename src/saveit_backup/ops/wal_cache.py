@@ -11,7 +11,8 @@ import os
 import time
 
 PREFETCH_DIR = ".saveit-prefetch"  # next to the destination in pg_wal
-STALE_SECONDS = 3600.0
+STALE_SECONDS = 3600.0  # during recovery
+PREFETCH_STALE_SECONDS = 600.0  # once archiving runs again: recovery has ended
 TMP_SUFFIX = ".tmp-saveit"
 SEGSIZE_FILE = "segsize"  # remembered segment size (names of the next segments depend on it)
 
@@ -55,3 +56,23 @@ def clean_cache(cache: str, requested: str) -> None:
                 os.unlink(entry.path)
         except OSError:
             pass
+
+
+def clean_prefetch(pg_wal: str, max_age: float = PREFETCH_STALE_SECONDS) -> None:
+    """Remove old prefetch files left in pg_wal after recovery ended (best effort; wal-push calls it)."""
+    cache = os.path.join(pg_wal, PREFETCH_DIR)
+    try:
+        entries = list(os.scandir(cache))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        try:
+            if now - entry.stat().st_mtime > max_age:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+    try:
+        os.rmdir(cache)
+    except OSError:
+        pass

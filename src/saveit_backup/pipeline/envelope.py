@@ -76,8 +76,9 @@ def _count(chunks: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
 
 
 def _start(options: EncodeOptions, keyring: Keyring | None, digest: Digest, plain_sha256: str | None,
-           zstd_frame: int = 0) -> tuple[bytes, bytes]:
-    """(envelope prefix and header, data key or b"") for a new object; records codec and cipher in ``digest``."""
+           zstd_frame: int = 0) -> tuple[bytes, bytes, bytes]:
+    """(envelope prefix and header, header (the cipher's associated data), data key or b"") for a new
+    object; records codec and cipher in ``digest``."""
     header: dict[str, Any] = {"codec": check_codec(options.codec), "cipher": "none"}
     if zstd_frame:
         header["zstd_frame"] = zstd_frame
@@ -92,7 +93,8 @@ def _start(options: EncodeOptions, keyring: Keyring | None, digest: Digest, plai
         header.update(cipher="aes-256-gcm", frame=FRAME_SIZE, slots=keyring.wrap(data_key))
     header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     digest.codec, digest.cipher = header["codec"], header["cipher"]
-    return header_bytes, data_key
+    head = _PREFIX.pack(MAGIC, 2 if zstd_frame else ENVELOPE_VERSION, len(header_bytes)) + header_bytes
+    return head, header_bytes, data_key
 
 
 def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | None, digest: Digest,
@@ -103,11 +105,10 @@ def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | N
     header (authenticated with the body) so the object can be compared without
     decrypting it, e.g. by a host that holds only public keys.
     """
-    framed = zstd_frame_input(options.codec, options.threads)
-    header_bytes, data_key = _start(options, keyring, digest, plain_sha256, framed)
+    head, header_bytes, data_key = _start(options, keyring, digest, plain_sha256, zstd_frame_input(options.codec, options.threads))
 
     def body() -> Iterator[bytes]:
-        yield _PREFIX.pack(MAGIC, 2 if framed else ENVELOPE_VERSION, len(header_bytes)) + header_bytes
+        yield head
         stream = compress_stream(_observe(chunks, digest, options.hash and not plain_sha256), options.codec, options.level,
                                  options.threads)
         if options.encrypt:
@@ -120,14 +121,14 @@ def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | N
 def encode_buffer(data: bytes | bytearray | memoryview, options: EncodeOptions, keyring: Keyring | None, digest: Digest,
                   plain_sha256: str | None = None) -> bytes:
     """``encode`` of bytes already in memory, compressed in one call; the same object format."""
-    header_bytes, data_key = _start(options, keyring, digest, plain_sha256)
+    head, header_bytes, data_key = _start(options, keyring, digest, plain_sha256)
     if options.hash and not plain_sha256:
         import hashlib
 
         digest.plain_sha256 = hashlib.sha256(data).hexdigest()
     digest.plain_size = len(data)
     body = compress_buffer(data, options.codec, options.level, options.threads)
-    parts = [_PREFIX.pack(MAGIC, ENVELOPE_VERSION, len(header_bytes)) + header_bytes]
+    parts = [head]
     parts += encrypt_frames((body,), data_key, header_bytes) if options.encrypt else [body]
     out = b"".join(parts)
     digest.stored_size = len(out)

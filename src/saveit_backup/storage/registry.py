@@ -35,13 +35,18 @@ _NOT_YET = {
 _SUPPORTED = "file:///path, a plain path, s3://bucket/prefix or memory://"
 
 
+def url_scheme(url: str) -> str:
+    """The backend a repository URL names: its scheme, lower case; ``file`` for a plain path."""
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
 def open_storage(url: str, s3: S3Options | None = None) -> Storage:
     """Build the backend for ``url``; raise ``ConfigError`` for unusable URLs."""
     if not url:
         raise ConfigError("empty repository URL", hint=f"use {_SUPPORTED}")
+    scheme = url_scheme(url)
     if "://" not in url:
         return _local(url)
-    scheme = url.split("://", 1)[0].lower()
     if scheme == "file":
         return _local(_file_path(url))
     if scheme == "s3":

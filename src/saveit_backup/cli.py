@@ -91,8 +91,10 @@ def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
           f"{'ok' if m.checksum_ok else 'MISMATCH'}")
     if m.parent:
         print(f"  depends on {m.parent}")
+    from saveit_backup.pipeline import digests
+
     for o in m.objects:
-        print(f"  object {o.name}: {o.size} bytes plain, {o.stored_size} stored, {o.codec}/{o.cipher}, sha256 {o.sha256[:16]}...")
+        print(f"  object {o.name}: {o.size} bytes plain, {o.stored_size} stored, {o.codec}/{o.cipher}, {digests.short(o.digest)}")
     for t in m.tables:
         print(f"  table {t.database}.{t.qualified}: {t.rows} rows")
     return 0

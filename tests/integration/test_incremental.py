@@ -18,6 +18,7 @@ import pytest
 
 from saveit_backup.ops.incremental import ByteStream, merged
 from saveit_backup.pg.cluster import Cluster
+from saveit_backup.pipeline import digests
 from tests.fixtures.pg import Cli, archiving_cluster, stop_clusters
 from tests.fixtures.s3 import S3Server
 from tests.integration.test_physical import invariant, pgbench, recovered, stop, wait_archived
@@ -187,11 +188,15 @@ def test_merge_newest_wins_truncates_and_extends() -> None:
     d1 = delta([(1, page(101))])
     d2 = delta([(1, page(201)), (3, page(203)), (4, page(204))])
 
-    def ref(data: bytes) -> dict[str, object]:
+    def ref(data: bytes) -> dict[str, object]:  # format 1 (bare hex SHA-256) is still read
         return {"backup": "x", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "length": len(data)}
 
+    def stream(data: bytes, ref: object) -> ByteStream:
+        return ByteStream([data], digests.recorded(ref))  # type: ignore[arg-type]
+
     entry = {"path": "base/1/2", "size": 5 * bs, "block_size": bs, "base": ref(base), "deltas": [ref(d1), ref(d2)]}
-    out = merge_file(entry, ByteStream([base]), [(ByteStream([d1]), entry["deltas"][0]), (ByteStream([d2]), entry["deltas"][1])])  # type: ignore[index]
+    out = merge_file(entry, stream(base, entry["base"]), [(stream(d1, entry["deltas"][0]), entry["deltas"][0]),  # type: ignore[index]
+                                                         (stream(d2, entry["deltas"][1]), entry["deltas"][1])])  # type: ignore[index]
     assert b"".join(out) == page(0) + page(201) + page(2) + page(203) + page(204)
     # page selection: changed (LSN >= start), zero LSN, and blocks beyond the reference size
     chunk = page(0, lsn=5) + page(1, lsn=50) + bytes(bs) + page(3, lsn=5)
@@ -204,7 +209,6 @@ def test_merge_applies_xor_layers(run_blocks: int, monkeypatch: pytest.MonkeyPat
     """Pure: a version-2 delta holds XOR with the previous layer's page below its reference size and plain
     pages from there on; a plain (version-1) layer in between resets what later XORs apply to.  Runs and
     record batches of 1 and 2 blocks cross every boundary."""
-    import hashlib
 
     from saveit_backup.ops import incremental
 
@@ -225,11 +229,12 @@ def test_merge_applies_xor_layers(run_blocks: int, monkeypatch: pytest.MonkeyPat
         return delta_header(bs, ref_blocks) + b"".join(n.to_bytes(4, "big") + p for n, p in records) + delta_trailer()
 
     def ref(data: bytes) -> dict[str, object]:
-        return {"backup": "x", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "length": len(data)}
+        return {"backup": "x", "digest": digests.of_bytes(data), "size": len(data), "length": len(data)}
 
     def merge(size: int, base: bytes, deltas: list[bytes]) -> bytes:
         entry = {"path": "base/1/2", "size": size * bs, "block_size": bs, "base": ref(base), "deltas": [ref(d) for d in deltas]}
-        return b"".join(merge_file(entry, ByteStream([base]), [(ByteStream([d]), r) for d, r in zip(deltas, entry["deltas"], strict=True)]))  # type: ignore[arg-type]
+        return b"".join(merge_file(entry, ByteStream([base], entry["base"]["digest"]),  # type: ignore[index]
+                                   [(ByteStream([d], r["digest"]), r) for d, r in zip(deltas, entry["deltas"], strict=True)]))  # type: ignore[arg-type, index]
 
     base = page(1) + page(2) + page(3)
     # layer 1 (XOR, reference of 3 blocks): block 0 becomes 11, block 3 is new (plain)
@@ -269,7 +274,7 @@ def test_xor_delta_of_a_file_that_grows_while_read(tmp_path: Path, monkeypatch: 
 
     reference = b"".join(page(i, 10) for i in range(300))  # the reference: 300 blocks, none changed since
     ref_entry = {"kind": "full", "backup": "F", "object": "f1", "offset": 0, "size": len(reference),
-                 "sha256": hashlib.sha256(reference).hexdigest()}
+                 "sha256": hashlib.sha256(reference).hexdigest()}  # written by format 1: the new base records "sha256:..."
     path = tmp_path / "16384"
     pages = [page(i, 10) for i in range(200)]
     pages[5] = page(55, 2000)  # changed since the reference
@@ -293,12 +298,14 @@ def test_xor_delta_of_a_file_that_grows_while_read(tmp_path: Path, monkeypatch: 
         yield from (reference[i : i + run] for i in range(0, len(reference), run))
 
     reader = types.SimpleNamespace(checks=types.SimpleNamespace(enabled=False), real_path=lambda p: str(path))
-    entry = types.SimpleNamespace(path="base/1/16384", mode=0o600, mtime=0, size=0, sha256="")
+    entry = types.SimpleNamespace(path="base/1/16384", mode=0o600, mtime=0, size=0, digest="")
     producer = inc.DeltaProducer(reader, types.SimpleNamespace(start_lsn=1000), "I", bs, 131072, windows)  # type: ignore[arg-type]
     work = inc.IncrementalWork(entry, ref_entry)
     delta = b"".join(producer.produce(work))
     assert grown and work.out["size"] == 400 * bs and producer.stats.pages_xor > 0
-    out = merge_file(work.out, inc.ByteStream([reference]), [(inc.ByteStream([delta]), work.out["deltas"][-1])])
+    base, last = work.out["base"], work.out["deltas"][-1]
+    assert base["digest"] == "sha256:" + ref_entry["sha256"] and last["digest"].startswith("blake3:")
+    out = merge_file(work.out, inc.ByteStream([reference], base["digest"]), [(inc.ByteStream([delta], last["digest"]), last)])
     assert b"".join(out) == path.read_bytes()
 
 

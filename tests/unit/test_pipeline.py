@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tracemalloc
 from collections.abc import Iterator
 
+import blake3
 import pytest
 
 from saveit_backup.errors import DecryptionError, IntegrityError, RepositoryFormatError
@@ -40,7 +40,7 @@ def test_round_trip(codec: str, mode: str, tmp_path: object) -> None:
     writer, reader = keyrings(tmp_path)[mode]
     digest = Digest()
     stored = b"".join(encode(chunks(PLAIN), EncodeOptions(codec=codec, encrypt=writer is not None), writer, digest))
-    assert digest.plain_size == len(PLAIN) and digest.plain_sha256 == hashlib.sha256(PLAIN).hexdigest()
+    assert digest.plain_size == len(PLAIN) and digest.plain_digest == "blake3:" + blake3.blake3(PLAIN).hexdigest()
     assert digest.stored_size == len(stored)
     header = describe([stored])
     assert header["codec"] == codec and header["cipher"] == ("none" if writer is None else "aes-256-gcm")
@@ -55,7 +55,7 @@ def test_encode_buffer_is_the_same_object_format(codec: str, mode: str, plain: b
     writer, reader = keyrings(tmp_path)[mode]
     digest = Digest()
     stored = encode_buffer(memoryview(plain), EncodeOptions(codec=codec, threads=threads, encrypt=writer is not None), writer, digest)
-    assert digest.plain_size == len(plain) and digest.plain_sha256 == hashlib.sha256(plain).hexdigest()
+    assert digest.plain_size == len(plain) and digest.plain_digest == "blake3:" + blake3.blake3(plain).hexdigest()
     cipher = "none" if writer is None else "aes-256-gcm"
     assert digest.stored_size == len(stored) and (digest.codec, digest.cipher) == (codec, cipher)
     assert describe([stored])["codec"] == codec and describe([stored])["cipher"] == cipher
@@ -69,8 +69,8 @@ def test_encode_buffer_is_the_same_object_format(codec: str, mode: str, plain: b
         assert zstandard.get_frame_parameters(body).content_size == len(plain)
     known = Digest()
     sealed = encode_buffer(plain, EncodeOptions(codec=codec, encrypt=writer is not None, hash=False), writer, known,
-                           plain_sha256="ab" * 32)
-    assert known.plain_sha256 == "ab" * 32 and describe([sealed])["sha256"] == "ab" * 32  # comparable without the key
+                           plain_digest="blake3:" + "ab" * 32)
+    assert known.plain_digest == describe([sealed])["digest"] == "blake3:" + "ab" * 32  # comparable without the key
 
 
 @pytest.mark.parametrize("size", [0, 1, FRAME_SIZE - 1, FRAME_SIZE, FRAME_SIZE + 1, 3 * FRAME_SIZE])

@@ -38,7 +38,7 @@ def test_backup_visible_only_after_manifest_commit() -> None:
     assert repo.backup_ids() == ([], ["20260101-000000L"])
     assert repo.manifests() == []
     m = Manifest(id="20260101-000000L", type="logical", started="2026-01-01T00:00:00Z", finished="2026-01-01T00:00:01Z",
-                 objects=[ObjectEntry("database.dump", digest.plain_size, digest.stored_size, digest.plain_sha256, "zstd", "none")])
+                 objects=[ObjectEntry("database.dump", digest.plain_size, digest.stored_size, digest.plain_digest, "zstd", "none")])
     repo.commit(m)
     assert [x.id for x in repo.manifests()] == [m.id] and repo.manifests()[0].checksum_ok
     repo.delete_backup(m.id)

@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+# Version 1 recorded bare hex SHA-256 digests in fields named ``sha256``; version 2 records
+# ``digest`` = "<algorithm>:<hex>" (BLAKE3 when written by this build).  Both are read.
+MANIFEST_VERSIONS = (1, 2)
 TYPE_LETTERS = {"logical": "L", "full": "F", "diff": "D", "incr": "I"}
 
 
@@ -33,7 +36,7 @@ class ObjectEntry:
     name: str
     size: int
     stored_size: int
-    sha256: str
+    digest: str  # of the plain bytes, "<algorithm>:<hex>" (pipeline.digests)
     codec: str
     cipher: str
 
@@ -100,6 +103,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
         body.pop("checksum_ok")
+        body["format_version"] = MANIFEST_VERSION  # objects are always written as this version records them
         body["plain_bytes"] = self.plain_bytes
         body["stored_bytes"] = self.stored_bytes
         body["checksum"] = _checksum(body)
@@ -112,17 +116,26 @@ class Manifest:
     def from_dict(cls, body: dict[str, Any]) -> Manifest:
         """Parse; raises ValueError on an unknown version or malformed body."""
         version = body.get("format_version")
-        if version != MANIFEST_VERSION:
-            raise ValueError(f"manifest format_version {version!r} is not supported (this build reads {MANIFEST_VERSION})")
+        if version not in MANIFEST_VERSIONS:
+            raise ValueError(f"manifest format_version {version!r} is not supported (this build reads "
+                             f"{', '.join(map(str, MANIFEST_VERSIONS))})")
         stored = body.get("checksum")
         rest = {k: v for k, v in body.items() if k != "checksum"}
         ok = stored == _checksum(rest)
         fields = {k: v for k, v in rest.items() if k in cls.__dataclass_fields__}
-        fields["objects"] = [ObjectEntry(**o) for o in body.get("objects", [])]
+        fields["objects"] = [_object_entry(o) for o in body.get("objects", [])]
         fields["tables"] = [TableCount(**t) for t in body.get("tables", [])]
         manifest = cls(**fields)
         manifest.checksum_ok = ok
         return manifest
+
+
+def _object_entry(body: dict[str, Any]) -> ObjectEntry:
+    """An ``objects`` item; format 1's ``sha256`` (bare hex) becomes a ``sha256:`` digest."""
+    fields = dict(body)
+    if "sha256" in fields:
+        fields["digest"] = f"sha256:{fields.pop('sha256')}"
+    return ObjectEntry(**fields)
 
 
 def _checksum(body: dict[str, Any]) -> str:

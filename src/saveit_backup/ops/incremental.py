@@ -8,7 +8,7 @@ zero (new or re-extended), or lies beyond the reference file's size; the kept pa
 delta* (format in docs/format.md).  With page XOR (``BACKUP_INCREMENTAL_XOR``) the reference's copy of
 the file is read back from the repository alongside, and a kept page the reference has is stored as
 its XOR with the reference's page: mostly zeros, since an update changes a few bytes of a page.
-Every other file is hashed and stored whole when its size or SHA-256 differs from the reference.
+Every other file is hashed and stored whole when its size or digest differs from the reference.
 Files that did not change are described by the reference's own entry, so every manifest entry is
 self-contained: ``kind: full`` (an object, in ``backup``) or ``kind: incremental`` (a ``base`` slice
 plus the ordered ``deltas``).
@@ -17,12 +17,11 @@ Restore side: for each file, the base slice is read sequentially and each run of
 deltas' records applied oldest first (a page replaces the block, an XOR record is XORed into it):
 one pass, no intermediate copies.  Memory per file: one run, the base's stream buffers and the
 deltas as stored (compressed), decoded as they are read.  Base slices and delta slices are checked
-against their SHA-256 while they stream.
+against their digests while they stream.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
@@ -39,6 +38,7 @@ import numpy as np
 from saveit_backup.domain.manifest import Manifest, ObjectEntry
 from saveit_backup.errors import BackupNotFound, IntegrityError
 from saveit_backup.pg import pagecheck
+from saveit_backup.pipeline import digests
 from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode
 from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
@@ -169,13 +169,15 @@ def changed_rows(chunk: bytes, first_block: int, ref_blocks: int, start_lsn: int
 
 
 class ByteStream:
-    """Exact-size reads over an iterator of chunks; hashes what passes when asked."""
+    """Exact-size reads over an iterator of chunks; hashes what passes to check it against ``expected``
+    (a recorded digest; "" hashes nothing)."""
 
-    def __init__(self, chunks: Iterable[bytes], hashing: bool = True) -> None:
+    def __init__(self, chunks: Iterable[bytes], expected: str = "") -> None:
         self._it = iter(chunks)
         self._buf = b""
         self._pos = 0
-        self.hash = hashlib.sha256() if hashing else None
+        self.expected = expected
+        self.hash = digests.like(expected) if expected else None
         self.consumed = 0
 
     def read(self, n: int) -> bytes:
@@ -367,7 +369,7 @@ class DeltaProducer:
             return
         fd = self._open(work)
         if fd is None:  # dropped meanwhile: an empty file, WAL replay removes it
-            work.out = meta | {"kind": "full", "backup": self.bid, "size": 0, "sha256": hashlib.sha256().hexdigest()}
+            work.out = meta | {"kind": "full", "backup": self.bid, "size": 0, "digest": digests.of_bytes(b"")}
             self.stats.add(files_full=1)
             e.size = 0
             return
@@ -382,10 +384,10 @@ class DeltaProducer:
             os.close(fd)
 
     def _whole(self, work: IncrementalWork, meta: dict[str, Any], fd: int | None) -> Iterator[bytes]:
-        """Store the file whole unless its SHA-256 equals the reference's."""
+        """Store the file whole unless its digest equals the reference's (one of another algorithm never does)."""
         e, ref = work.entry, work.ref
         if ref is not None and fd is not None:
-            h = hashlib.sha256()
+            h = digests.new()
             size = 0
             small = os.fstat(fd).st_size < (16 << 20)
             held: list[bytes] = []
@@ -394,14 +396,13 @@ class DeltaProducer:
                 size += len(chunk)
                 if small:
                     held.append(chunk)
-            if size == ref.get("size") and h.hexdigest() == ref.get("sha256"):
+            e.size, e.digest = size, digests.tagged(h)
+            if size == ref.get("size") and e.digest == digests.recorded(ref):
                 work.out = ref | {"mode": e.mode, "mtime": int(e.mtime)}
-                e.size, e.sha256 = size, h.hexdigest()
                 self.stats.add(files_unchanged=1)
                 return
             if small:
-                e.size, e.sha256 = size, h.hexdigest()
-                work.out = meta | {"kind": "full", "backup": self.bid, "size": size, "sha256": e.sha256, "length": size}
+                work.out = meta | {"kind": "full", "backup": self.bid, "size": size, "digest": e.digest, "length": size}
                 self.stats.add(files_full=1)
                 yield from held
                 return
@@ -409,7 +410,7 @@ class DeltaProducer:
         for chunk in self.reader.chunks(e):
             n += len(chunk)
             yield chunk
-        work.out = meta | {"kind": "full", "backup": self.bid, "size": e.size, "sha256": e.sha256, "length": n}
+        work.out = meta | {"kind": "full", "backup": self.bid, "size": e.size, "digest": e.digest, "length": n}
         self.stats.add(files_full=1)
 
     def _delta(self, work: IncrementalWork, fd: int, meta: dict[str, Any], ref: dict[str, Any]) -> Iterator[bytes]:
@@ -422,8 +423,8 @@ class DeltaProducer:
         windows: Generator[bytes | memoryview, None, None] | None = None  # the reference, from its first changed page on
         window: bytes | memoryview | None = None  # the reference's run ``window_no - 1`` (READ_BLOCKS blocks)
         window_no = 0
-        h = hashlib.sha256()
-        dh = hashlib.sha256()
+        h = digests.new()
+        dh = digests.new()
         size = 0
         stored = 0
         pages = 0
@@ -473,7 +474,7 @@ class DeltaProducer:
         finally:
             if windows is not None:  # read only as far as the last changed page: release its storage stream now
                 windows.close()
-        e.size, e.sha256 = size, h.hexdigest()
+        e.size, e.digest = size, digests.tagged(h)
         self.stats.add(pages_read=pages, pages_stored=kept, pages_xor=xored)
         if not started and size == int(ref["size"]):
             work.out = ref | {"mode": e.mode, "mtime": int(e.mtime)}
@@ -489,14 +490,14 @@ class DeltaProducer:
         stored += len(tail)
         yield tail
         if ref["kind"] == "full":
-            base = {k: ref[k] for k in ("backup", "object", "offset", "size", "sha256")}
+            base = {k: ref[k] for k in ("backup", "object", "offset", "size")} | {"digest": digests.recorded(ref)}
             if "length" in ref:
                 base["length"] = ref["length"]
             deltas: list[dict[str, Any]] = []
         else:
             base, deltas = dict(ref["base"]), list(ref["deltas"])
-        work.out = meta | {"kind": "incremental", "size": size, "sha256": e.sha256, "block_size": bs, "base": base,
-                           "deltas": [*deltas, {"backup": self.bid, "length": stored, "sha256": dh.hexdigest()}]}
+        work.out = meta | {"kind": "incremental", "size": size, "digest": e.digest, "block_size": bs, "base": base,
+                           "deltas": [*deltas, {"backup": self.bid, "length": stored, "digest": digests.tagged(dh)}]}
         self.stats.add(files_delta=1)
 
 
@@ -524,7 +525,7 @@ def store_incremental(repo: Repository, bid: str, name: str, works: list[Increme
     if first is None:
         return None
     digest: Digest = repo.put_object(layout.object_key(bid, name), chain([first], gen), options)
-    return ObjectEntry(name, digest.plain_size, digest.stored_size, digest.plain_sha256, digest.codec, digest.cipher)
+    return ObjectEntry(name, digest.plain_size, digest.stored_size, digest.plain_digest, digest.codec, digest.cipher)
 
 
 # --- restore: one-pass reconstruction --------------------------------------------------------------
@@ -559,24 +560,24 @@ def _own(ref: dict[str, Any]) -> bool:
     return bool(ref.get("own")) or (int(ref.get("offset", 0)) == 0 and str(ref["object"]).startswith("f"))
 
 
-def slice_bytes(repo: Repository, cache: PackCache, ref: dict[str, Any], length: int, hashing: bool = True) -> ByteStream:
+def slice_bytes(repo: Repository, cache: PackCache, ref: dict[str, Any], length: int, expected: str = "") -> ByteStream:
     """The bytes of one file (or delta) inside an object: a pack's through the cache; an object of its own is
     held as stored (compressed) and decoded as it is read, since a delta's plain bytes can be hundreds of MB."""
     backup, name, offset = ref["backup"], ref["object"], int(ref.get("offset", 0))
     if _own(ref):
         key = layout.object_key(backup, name)
-        return ByteStream(decode([b"".join(repo.storage.open(key))], repo.keyring, what=key), hashing)
+        return ByteStream(decode([b"".join(repo.storage.open(key))], repo.keyring, what=key), expected)
     data = cache.get(backup, name)
     if offset + length > len(data):
         raise IntegrityError(f"backup {backup}: object {name} is shorter than the manifest says")
     view = memoryview(data)[offset : offset + length]
-    return ByteStream([bytes(view[i : i + (1 << 20)]) for i in range(0, length, 1 << 20)] if length else [], hashing)
+    return ByteStream([bytes(view[i : i + (1 << 20)]) for i in range(0, length, 1 << 20)] if length else [], expected)
 
 
 def merged(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStream, dict[str, Any]]]) -> Iterator[bytes | memoryview]:
     """The file ``entry`` describes, streamed in runs of ``READ_BLOCKS`` blocks: the base's blocks with each
     delta's records applied in turn, oldest first (a page replaces the block, an XOR record is XORed into
-    it).  SHA-256 of the base and of every delta is checked once they are read through."""
+    it).  The digest of the base and of every delta is checked once they are read through."""
     try:
         bs = int(entry["block_size"])
         nblocks = int(entry["size"]) // bs
@@ -620,9 +621,9 @@ def merged(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStrea
         for layer in layers:
             layer.drain()
         for s, d in [(base, entry["base"]), *((s, d) for s, d in deltas)]:
-            if s.hash is not None and s.hash.hexdigest() != d["sha256"]:
+            if s.hash is not None and not digests.matches(s.hash, s.expected):
                 raise IntegrityError(f"{entry['path']}: {'delta' if d is not entry['base'] else 'base'} from backup "
-                                     f"{d['backup']} fails its SHA-256 check")
+                                     f"{d['backup']} fails its digest check")
     finally:  # also on errors and when abandoned: storage streams hold permits
         for stream in (base, *(s for s, _ in deltas)):
             stream.close()
@@ -630,16 +631,17 @@ def merged(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStrea
 
 def open_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], open_lock: threading.Lock,
                 check: bool = True) -> Iterator[bytes | memoryview]:
-    """The content of an ``incremental`` entry (``check``: the SHA-256 of every slice, once read through).
+    """The content of an ``incremental`` entry (``check``: the digest of every slice, once read through).
     Only a base with an object of its own is a storage stream; the deltas are read first (``slice_bytes``),
     so a thread never waits for a storage permit while holding one."""
     base_ref = entry["base"]
-    held = {id(d): slice_bytes(repo, cache, d, int(d["length"]), check) for d in entry["deltas"]}
+    held = {id(d): slice_bytes(repo, cache, d, int(d["length"]), digests.recorded(d) if check else "") for d in entry["deltas"]}
+    base_digest = digests.recorded(base_ref) if check else ""
     if _own(base_ref):
         with open_lock:
-            base = ByteStream(repo.read_object(layout.object_key(base_ref["backup"], base_ref["object"])), check)
+            base = ByteStream(repo.read_object(layout.object_key(base_ref["backup"], base_ref["object"])), base_digest)
     else:
-        base = slice_bytes(repo, cache, base_ref, int(base_ref.get("length", base_ref["size"])), check)
+        base = slice_bytes(repo, cache, base_ref, int(base_ref.get("length", base_ref["size"])), base_digest)
     return merged(entry, base, [(held[id(d)], d) for d in entry["deltas"]])
 
 
@@ -652,9 +654,9 @@ def reference_windows(repo: Repository, cache: PackCache, entry: dict[str, Any],
         return
     if _own(entry):
         with open_lock:
-            stream = ByteStream(repo.read_object(layout.object_key(entry["backup"], entry["object"])), hashing=False)
+            stream = ByteStream(repo.read_object(layout.object_key(entry["backup"], entry["object"])))
     else:
-        stream = slice_bytes(repo, cache, entry, int(entry.get("length", entry["size"])), hashing=False)
+        stream = slice_bytes(repo, cache, entry, int(entry.get("length", entry["size"])))
     try:
         left = int(entry["size"])
         while left > 0 and (data := stream.read(min(left, READ_BLOCKS * block_size))):
@@ -678,15 +680,18 @@ def restore_merged(repo: Repository, cache: PackCache, entry: dict[str, Any], de
 
 
 def file_matches(dest: str, entry: dict[str, Any]) -> bool:
-    """--delta: the file on disk has the size and SHA-256 the backup read."""
+    """--delta: the file on disk has the size and digest the backup read."""
     try:
         st = os.stat(dest)
         if not stat.S_ISREG(st.st_mode) or st.st_size != entry["size"]:
             return False
-        h = hashlib.sha256()
+        expected = digests.recorded(entry)
+        if not expected:
+            return False
+        h = digests.like(expected)
         with open(dest, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-        return bool(h.hexdigest() == entry["sha256"])
+        return digests.matches(h, expected)
     except OSError:
         return False

@@ -200,7 +200,7 @@ def _dump_database(repo: Any, bid: str, name: str, dsn: str, database: str, pg_d
 
 
 def _entry(name: str, digest: Any) -> ObjectEntry:
-    return ObjectEntry(name, digest.plain_size, digest.stored_size, digest.plain_sha256, digest.codec, digest.cipher)
+    return ObjectEntry(name, digest.plain_size, digest.stored_size, digest.plain_digest, digest.codec, digest.cipher)
 
 
 @dataclass

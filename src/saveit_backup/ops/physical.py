@@ -28,7 +28,6 @@ retention removed its segments.  The repository lock is held throughout; the man
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -52,6 +51,7 @@ from saveit_backup.ops import incremental, native_incremental
 from saveit_backup.ops.progress import Progress
 from saveit_backup.pg import pagecheck
 from saveit_backup.pg.conn import ServerFacts, connect, find_tool, server_facts, split_password, tool_env
+from saveit_backup.pipeline import digests
 from saveit_backup.pipeline.envelope import Digest, EncodeOptions
 from saveit_backup.pipeline.tartap import TarMemberTap
 from saveit_backup.repo import layout
@@ -93,12 +93,12 @@ class FileEntry:
     size: int
     mode: int
     mtime: float
-    sha256: str = ""
+    digest: str = ""  # of the file as read, "<algorithm>:<hex>"
     object: str = ""
     offset: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "mode": self.mode, "mtime": int(self.mtime), "sha256": self.sha256,
+        return {"path": self.path, "size": self.size, "mode": self.mode, "mtime": int(self.mtime), "digest": self.digest,
                 "object": self.object, "offset": self.offset}
 
 
@@ -131,7 +131,7 @@ class ChecksumReport:
 
 
 def _entry(name: str, digest: Digest) -> ObjectEntry:
-    return ObjectEntry(name, digest.plain_size, digest.stored_size, digest.plain_sha256, digest.codec, digest.cipher)
+    return ObjectEntry(name, digest.plain_size, digest.stored_size, digest.plain_digest, digest.codec, digest.cipher)
 
 
 # --- scanning PGDATA --------------------------------------------------------------------------
@@ -243,13 +243,13 @@ class FileReader:
         """The file's bytes; a file dropped meanwhile yields nothing (WAL replay knows it is gone)."""
         real = self.real_path(entry.path)
         segno = pagecheck.relation_segment(entry.path) if self.checks.enabled else None
-        h = hashlib.sha256()
+        h = digests.new()
         size = 0
         try:
             fd = os.open(real, os.O_RDONLY)
         except FileNotFoundError:
             log.info("%s vanished during the backup (dropped); WAL replay accounts for it", entry.path)
-            entry.size, entry.sha256 = 0, h.hexdigest()
+            entry.size, entry.digest = 0, digests.tagged(h)
             return
         try:
             while True:
@@ -263,7 +263,7 @@ class FileReader:
                 yield chunk
         finally:
             os.close(fd)
-        entry.size, entry.sha256 = size, h.hexdigest()
+        entry.size, entry.digest = size, digests.tagged(h)
 
     def _check(self, fd: int, path: str, chunk: bytes, first_blkno: int, offset: int) -> None:
         pages, bad = pagecheck.check_chunk(chunk, first_blkno, self.start_lsn)
@@ -285,9 +285,9 @@ def _store_object(repo: Repository, bid: str, name: str, files: list[FileEntry],
     if len(files) == 1 and files[0].size >= BIG_FILE:
         f = files[0]
         f.object, f.offset = name, 0
-        # The object's plain bytes are the file's: FileReader's SHA-256 is the object's, hash once.
+        # The object's plain bytes are the file's: FileReader's digest is the object's, hash once.
         digest = repo.put_object(key, reader.chunks(f), options._replace(hash=False))
-        digest.plain_sha256 = f.sha256
+        digest.plain_digest = f.digest
         return _entry(name, digest)
 
     def packed() -> Iterator[bytes]:

@@ -20,7 +20,6 @@ action); the report names the point reached (last replayed transaction time, LSN
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -46,6 +45,7 @@ from saveit_backup.ops import incremental, native_combine
 from saveit_backup.ops.progress import Progress
 from saveit_backup.pg.cluster import free_port
 from saveit_backup.pg.conn import find_tool
+from saveit_backup.pipeline import digests
 from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
@@ -261,14 +261,15 @@ class Writer:
 
     def _write(self, entry: dict[str, Any], chunks: Iterable[bytes]) -> None:
         dest = self.dest(entry["path"])
-        h = hashlib.sha256()
+        expected = digests.recorded(entry)
+        h = digests.like(expected)
         size = 0
         with open(dest, "wb") as out:
             for chunk in chunks:
                 h.update(chunk)
                 size += len(chunk)
                 out.write(chunk)
-        if size != entry["size"] or h.hexdigest() != entry["sha256"]:
+        if size != entry["size"] or not digests.matches(h, expected):
             raise IntegrityError(f"backup {self.manifest.id}: restored {entry['path']} differs from the manifest "
                                  f"({size} bytes, expected {entry['size']})")
         os.chmod(dest, entry.get("mode", 0o600) & 0o777)

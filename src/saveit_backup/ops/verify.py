@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from saveit_backup.domain.manifest import Manifest, ObjectEntry
 from saveit_backup.errors import SaveitError
+from saveit_backup.pipeline import digests
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 
@@ -25,9 +25,9 @@ class VerifyReport:
 
 def verify_object(repo: Repository, backup_id: str, entry: ObjectEntry) -> str | None:
     key = layout.object_key(backup_id, entry.name)
-    h = hashlib.sha256()
     size = 0
     try:
+        h = digests.like(entry.digest)
         for chunk in repo.read_object(key):
             h.update(chunk)
             size += len(chunk)
@@ -35,8 +35,8 @@ def verify_object(repo: Repository, backup_id: str, entry: ObjectEntry) -> str |
         return f"{entry.name}: {exc.message}"
     if size != entry.size:
         return f"{entry.name}: size {size} differs from manifest {entry.size} (corrupt)"
-    if h.hexdigest() != entry.sha256:
-        return f"{entry.name}: SHA-256 differs from manifest (corrupt)"
+    if not digests.matches(h, entry.digest):
+        return f"{entry.name}: {digests.algorithm_of(entry.digest)} digest differs from manifest (corrupt)"
     return None
 
 

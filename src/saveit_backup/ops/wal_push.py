@@ -78,19 +78,21 @@ def _chunks(fd: int) -> Iterator[bytes]:
         yield chunk
 
 
-def _file_sha256(fd: int) -> str:
-    import hashlib  # only when a digest is needed (loads OpenSSL)
+def _file_digest(fd: int, algorithm: str | None = None) -> str:
+    """The file's digest (``algorithm``: this build's when None); only on a name clash or for the header."""
+    from saveit_backup.pipeline import digests
 
-    h = hashlib.sha256()
+    algorithm = algorithm or digests.WRITE_ALGORITHM
+    h = digests.new(algorithm)
     for chunk in _chunks(fd):
         h.update(chunk)
-    return h.hexdigest()
+    return digests.tagged(h, algorithm)
 
 
-def _sha256_hex(data: bytes | memoryview) -> str:
-    import hashlib
+def _digest_of(data: memoryview) -> str:
+    from saveit_backup.pipeline import digests
 
-    return hashlib.sha256(data).hexdigest()
+    return digests.of_bytes(data)
 
 
 def check_file(path: str, name: str, fd: int) -> None:
@@ -130,21 +132,21 @@ def push_file(repo: Repository, path: str, options: EncodeOptions | None = None,
         # configured zstd threads shorten each call (16 MiB at level 3: 16 ms single, 12 ms with 2);
         # parallel pushers (the async worker) pass ``worker_options`` instead.
         opts = (options or repo.write_options())._replace(hash=False)
-        # A writer that cannot decrypt (public keys only) records the hash in the header to compare later.
-        needs_sha = opts.encrypt and not repo.keyring.can_read
+        # A writer that cannot decrypt (public keys only) records the digest in the header to compare later.
+        needs_digest = opts.encrypt and not repo.keyring.can_read
         digest = Digest()
         big = os.fstat(fd).st_size > BUFFERED_MAX
         stored: bytes | Iterator[bytes]
         if not big:  # bytes: the storage retry wrapper can replay them
             with cpu or nullcontext(), _contents(fd, mapped) as data:
-                stored = encode_buffer(data, opts, repo.keyring, digest, plain_sha256=_sha256_hex(data) if needs_sha else None)
+                stored = encode_buffer(data, opts, repo.keyring, digest, plain_digest=_digest_of(data) if needs_digest else None)
         else:  # segments of 128 MiB and more stream, compressed while stored
-            stored = encode(_chunks(fd), opts, repo.keyring, digest, plain_sha256=_file_sha256(fd) if needs_sha else None)
+            stored = encode(_chunks(fd), opts, repo.keyring, digest, plain_digest=_file_digest(fd) if needs_digest else None)
         try:
             with cpu if big and cpu else nullcontext():
                 repo.storage.put(key, stored, if_absent=True)
         except AlreadyExists:
-            _compare_existing(repo, key, name, digest.plain_sha256 or _file_sha256(fd))
+            _compare_existing(repo, key, name, fd, digest.plain_digest)
             return PushResult(name, key, "exists", os.fstat(fd).st_size, 0, time.monotonic() - started)
         return PushResult(name, key, "stored", digest.plain_size, digest.stored_size, time.monotonic() - started)
     finally:
@@ -188,25 +190,28 @@ def _read_whole(fd: int, size: int, buf: bytearray) -> memoryview:
     return memoryview(b"".join(_chunks(fd)))
 
 
-def _compare_existing(repo: Repository, key: str, name: str, local_sha256: str) -> None:
-    """Already archived: equal plain SHA-256 is success, anything else WalMismatch."""
+def _compare_existing(repo: Repository, key: str, name: str, fd: int, local: str) -> None:
+    """Already archived: equal plain digests are success, anything else WalMismatch.  ``local``: the
+    file's digest if known; it is computed with the stored digest's algorithm otherwise."""
+    from saveit_backup.pipeline import digests
     from saveit_backup.pipeline.envelope import describe
 
     try:
-        stored = describe(repo.storage.open(key), key).get("sha256")
+        stored = digests.recorded(describe(repo.storage.open(key), key))  # written by hosts holding public keys only
         if not stored:
-            import hashlib
-
-            h = hashlib.sha256()
+            h = digests.new()
             for chunk in repo.read_object(key):
                 h.update(chunk)
-            stored = h.hexdigest()
+            stored = digests.tagged(h)
+        algorithm = digests.algorithm_of(stored)
     except SaveitError as exc:
         raise type(exc)(f"{name} is already archived but the stored copy could not be read to compare: {exc.message}",
                         exc.hint) from exc
-    if stored != local_sha256:
-        raise WalMismatch(f"{name} is already archived with different content (stored sha256 {stored[:16]}..., "
-                          f"local {local_sha256[:16]}...); the archived copy was kept")
+    if not local.startswith(f"{algorithm}:"):
+        local = _file_digest(fd, algorithm)
+    if stored != local:
+        raise WalMismatch(f"{name} is already archived with different content (stored {digests.short(stored)}, "
+                          f"local {digests.short(local)}); the archived copy was kept")
     import logging
 
     logging.getLogger("saveit_backup.wal").info("%s was already archived with identical content", name)

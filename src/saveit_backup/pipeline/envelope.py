@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from saveit_backup.errors import EncryptionConfigError, IntegrityError, RepositoryFormatError
+from saveit_backup.pipeline import digests
 from saveit_backup.pipeline.compress import check_codec, compress_buffer, compress_stream, decompress_stream, zstd_frame_input
 from saveit_backup.pipeline.crypto import FRAME_SIZE, Keyring, decrypt_frames, encrypt_frames
 
@@ -36,29 +37,24 @@ class EncodeOptions(NamedTuple):
     level: int | None = None
     threads: int = 0
     encrypt: bool = False
-    hash: bool = True  # False: skip the SHA-256 observer (callers that know or do not need the digest)
+    hash: bool = True  # False: skip the digest observer (callers that know or do not need the digest)
 
 
 class Digest:
     """Filled while the stream passes; read after the stream is exhausted."""
 
-    __slots__ = ("cipher", "codec", "plain_sha256", "plain_size", "stored_size")
+    __slots__ = ("cipher", "codec", "plain_digest", "plain_size", "stored_size")
 
     def __init__(self) -> None:
         self.plain_size = 0
-        self.plain_sha256 = ""
+        self.plain_digest = ""  # "<algorithm>:<hex>" (pipeline.digests)
         self.stored_size = 0
         self.codec = ""
         self.cipher = ""
 
 
 def _observe(chunks: Iterable[bytes], digest: Digest, hashing: bool) -> Iterator[bytes]:
-    if hashing:
-        import hashlib  # loads OpenSSL: not on wal-push's path, which does not hash
-
-        h = hashlib.sha256()
-    else:
-        h = None
+    h = digests.new() if hashing else None  # wal-push does not hash: nothing loads
     size = 0
     for chunk in chunks:
         if h is not None:
@@ -66,7 +62,7 @@ def _observe(chunks: Iterable[bytes], digest: Digest, hashing: bool) -> Iterator
         size += len(chunk)
         yield chunk
     digest.plain_size = size
-    digest.plain_sha256 = h.hexdigest() if h is not None else digest.plain_sha256
+    digest.plain_digest = digests.tagged(h) if h is not None else digest.plain_digest
 
 
 def _count(chunks: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
@@ -75,16 +71,16 @@ def _count(chunks: Iterable[bytes], digest: Digest) -> Iterator[bytes]:
         yield chunk
 
 
-def _start(options: EncodeOptions, keyring: Keyring | None, digest: Digest, plain_sha256: str | None,
+def _start(options: EncodeOptions, keyring: Keyring | None, digest: Digest, plain_digest: str | None,
            zstd_frame: int = 0) -> tuple[bytes, bytes, bytes]:
     """(envelope prefix and header, header (the cipher's associated data), data key or b"") for a new
     object; records codec and cipher in ``digest``."""
     header: dict[str, Any] = {"codec": check_codec(options.codec), "cipher": "none"}
     if zstd_frame:
         header["zstd_frame"] = zstd_frame
-    if plain_sha256:
-        header["sha256"] = plain_sha256
-        digest.plain_sha256 = plain_sha256
+    if plain_digest:
+        header[digests.FIELD] = plain_digest
+        digest.plain_digest = plain_digest
     data_key = b""
     if options.encrypt:
         if keyring is None or not keyring.can_write_encrypted:
@@ -98,18 +94,18 @@ def _start(options: EncodeOptions, keyring: Keyring | None, digest: Digest, plai
 
 
 def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | None, digest: Digest,
-           plain_sha256: str | None = None) -> Iterator[bytes]:
+           plain_digest: str | None = None) -> Iterator[bytes]:
     """plain chunks -> (hash, size) -> compress -> encrypt -> envelope bytes.
 
-    ``plain_sha256``, when the caller knows it up front, is written into the
+    ``plain_digest``, when the caller knows it up front, is written into the
     header (authenticated with the body) so the object can be compared without
     decrypting it, e.g. by a host that holds only public keys.
     """
-    head, header_bytes, data_key = _start(options, keyring, digest, plain_sha256, zstd_frame_input(options.codec, options.threads))
+    head, header_bytes, data_key = _start(options, keyring, digest, plain_digest, zstd_frame_input(options.codec, options.threads))
 
     def body() -> Iterator[bytes]:
         yield head
-        stream = compress_stream(_observe(chunks, digest, options.hash and not plain_sha256), options.codec, options.level,
+        stream = compress_stream(_observe(chunks, digest, options.hash and not plain_digest), options.codec, options.level,
                                  options.threads)
         if options.encrypt:
             stream = encrypt_frames(stream, data_key, header_bytes)
@@ -119,13 +115,11 @@ def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | N
 
 
 def encode_buffer(data: bytes | bytearray | memoryview, options: EncodeOptions, keyring: Keyring | None, digest: Digest,
-                  plain_sha256: str | None = None) -> bytes:
+                  plain_digest: str | None = None) -> bytes:
     """``encode`` of bytes already in memory, compressed in one call; the same object format."""
-    head, header_bytes, data_key = _start(options, keyring, digest, plain_sha256)
-    if options.hash and not plain_sha256:
-        import hashlib
-
-        digest.plain_sha256 = hashlib.sha256(data).hexdigest()
+    head, header_bytes, data_key = _start(options, keyring, digest, plain_digest)
+    if options.hash and not plain_digest:
+        digest.plain_digest = digests.of_bytes(data)
     digest.plain_size = len(data)
     body = compress_buffer(data, options.codec, options.level, options.threads)
     parts = [head]

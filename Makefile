@@ -11,8 +11,12 @@ demo:
 test:
 	@scripts/as-postgres test-inner
 
+# The C page checker (setup.py) lives in the tree as a built .so; scripts/as-postgres's copy drops it,
+# so it is rebuilt whenever it does not import and a compiler is there.
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+	@$(VENV)/bin/python -c 'import saveit_backup.pg._pagecheck' 2>/dev/null || ! command -v gcc >/dev/null || \
+	  $(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@

@@ -566,7 +566,7 @@ def _remote(ctx: Context, repo: Repository, conn: Any, facts: ServerFacts, contr
     size = int(conn.execute("SELECT sum(pg_database_size(oid)) FROM pg_database").fetchone()[0] or 0)
     cmd = [tool, "-D", "-", "-Ft", "-X", "fetch" if size <= FETCH_WAL_MAX_BYTES else "none", "--checkpoint=fast", "--label", label]
     if compress:
-        # The compressed stream goes to the repository as it is; our envelope's SHA-256 covers the stream.
+        # The compressed stream goes to the repository as it is; the object's digest covers the stream.
         workers = opts.jobs if opts.jobs > 1 else 0
         cmd += ["--no-manifest", f"--compress=server-zstd:level=3{f',workers={workers}' if workers else ''}"]
     else:

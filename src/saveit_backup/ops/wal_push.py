@@ -7,8 +7,8 @@ Contract (docs/format.md, "WAL segments"):
   files are stored without a header check;
 * the file is stored through the pipeline (compressed, encrypted per the
   repository config) under ``layout.wal_key(name)``, write-once;
-* if the key already exists, the stored object is decoded and its plain SHA-256
-  compared: equal is success (``PushResult.status == "exists"``), different is
+* if the key already exists, the stored object's plain digest (from its header,
+  else by decoding it) is compared with the file's: equal is success (``PushResult.status == "exists"``), different is
   ``WalMismatch`` (exit 16).  An archived object is never overwritten.
 
 This module is on the cold-start path of every ``archive_command``: it imports

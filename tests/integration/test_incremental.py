@@ -92,6 +92,7 @@ def restore_and_check(env: Env, name: str, *extra: str) -> dict[str, object]:
         invariant(r)
         if name in ("incr", "incr2"):
             assert r.psql("SELECT count(*), sum(g) FROM newtab") == "30000|450015000"
+            assert r.psql("SELECT count(*) FROM emptynew") == "0"
         r.psql("SELECT count(*) FROM pgbench_accounts WHERE aid > 0")  # the heap and its index are readable
         assert r.psql("SELECT count(*) FROM small WHERE id BETWEEN 100 AND 200") == "101"
     finally:
@@ -125,6 +126,7 @@ def test_chain_backup_and_restore(env: Env) -> None:
     c.psql("VACUUM FULL pgbench_tellers")  # a new relfilenode
     c.psql("DROP TABLE dropme")
     c.psql("CREATE TABLE newtab AS SELECT g FROM generate_series(1, 30000) g")
+    c.psql("CREATE TABLE emptynew (id int)")  # a new empty file: stored as no bytes at all
     incr = backup(env, "incr", "incr", BACKUP_INCREMENTAL_XOR="off")  # a plain layer between XOR layers
     assert incr["type"] == "incr" and incr["parent"] == diff["id"]
     p = incr["physical"]
@@ -132,6 +134,8 @@ def test_chain_backup_and_restore(env: Env) -> None:
     assert p["incremental"]["pages_xor"] == 0 < p["incremental"]["pages_stored"], p["incremental"]
     tellers = c.psql("SELECT pg_relation_filepath('pgbench_tellers')")
     assert next(f for f in p["files"] if f["path"] == tellers)["kind"] == "full"  # new file: stored whole
+    empty = next(f for f in p["files"] if f["path"] == c.psql("SELECT pg_relation_filepath('emptynew')"))
+    assert empty["size"] == 0 and "object" not in empty, empty
 
     transactions(c, 200)  # a small load: the incr is much smaller than the full
     incr2 = backup(env, "incr2", "incr")

@@ -12,7 +12,7 @@ import blake3
 import pytest
 
 from saveit_backup.domain.manifest import MANIFEST_VERSION, Manifest, ObjectEntry
-from saveit_backup.errors import RepositoryFormatError, WalMismatch
+from saveit_backup.errors import IntegrityError, RepositoryFormatError, WalMismatch
 from saveit_backup.ops.verify import verify_object
 from saveit_backup.ops.wal_push import push_file
 from saveit_backup.pipeline import digests
@@ -30,12 +30,19 @@ DATA = b"saveit" * 1000
         ({"digest": "blake3:00ff"}, "blake3:00ff"),
         ({"sha256": "00ff"}, "sha256:00ff"),  # format 1
         ({"digest": "blake3:00ff", "sha256": "11"}, "blake3:00ff"),
-        ({"sha256": ""}, ""),
-        ({}, ""),
+        ({"sha256": ""}, None),
+        ({"digest": ""}, None),
+        ({}, None),
     ],
 )
-def test_recorded(entry: dict[str, Any], expected: str) -> None:
-    assert digests.recorded(entry) == expected
+def test_recorded(entry: dict[str, Any], expected: str | None) -> None:
+    """None: the entry records no digest, which a manifest written by any version never does."""
+    if expected is None:
+        with pytest.raises(IntegrityError, match="records no digest"):
+            digests.recorded(entry | {"path": "base/1/2"})
+        assert digests.recorded(entry, required=False) == ""
+    else:
+        assert digests.recorded(entry) == digests.recorded(entry, required=False) == expected
 
 
 @pytest.mark.parametrize(
@@ -52,9 +59,12 @@ def test_each_algorithm_checks_its_own_digests(algorithm: str, reference: str) -
     assert not digests.matches(h, recorded)
 
 
-def test_unknown_algorithm_fails_loudly() -> None:
+@pytest.mark.parametrize("malformed", ["", "00ff", "blake3:", ":00ff"])
+def test_unknown_or_malformed_digests_fail_loudly(malformed: str) -> None:
     with pytest.raises(RepositoryFormatError, match="'md5' is not supported"):
         digests.like("md5:00")
+    with pytest.raises(IntegrityError, match="malformed digest"):
+        digests.like(malformed)
     assert digests.of_bytes(DATA).startswith(digests.WRITE_ALGORITHM + ":")
 
 
@@ -75,10 +85,16 @@ def test_format_1_manifest_is_read_and_its_objects_verified() -> None:
     assert verify_object(repo, manifest.id, manifest.objects[0]) is None
     damaged = Manifest.from_dict(_v1_manifest(hashlib.sha256(DATA + b"x").hexdigest()))
     assert "sha256 digest differs" in (verify_object(repo, damaged.id, damaged.objects[0]) or "")
-    # written again, it is format 2 whatever it was read as
-    assert json.loads(manifest.to_json())["format_version"] == MANIFEST_VERSION == 2
+    # shown again (``show --json``), it is still format 1, as format 1 records its objects
+    shown = json.loads(manifest.to_json())
+    assert shown["format_version"] == 1 and shown["objects"] == _v1_manifest(hashlib.sha256(DATA).hexdigest())["objects"]
+    assert Manifest.from_dict(shown).checksum_ok
+    new = Manifest("20260101-000001F", "full", "2026-01-01T00:00:01.000000Z", objects=[ObjectEntry("o", 1, 1, "blake3:00", "zstd", "none")])
+    assert json.loads(new.to_json())["format_version"] == MANIFEST_VERSION == 2
     with pytest.raises(ValueError, match="format_version 3"):
         Manifest.from_dict(_v1_manifest("00") | {"format_version": 3})
+    with pytest.raises(ValueError, match="malformed manifest"):
+        Manifest.from_dict(_v1_manifest("00") | {"objects": [{"name": "x"}]})
 
 
 def test_new_objects_record_blake3() -> None:

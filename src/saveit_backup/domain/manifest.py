@@ -103,7 +103,9 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
         body.pop("checksum_ok")
-        body["format_version"] = MANIFEST_VERSION  # objects are always written as this version records them
+        if self.format_version == 1:  # as read (``show``): its objects as format 1 recorded them, so its checksum holds
+            for obj in body["objects"]:
+                obj["sha256"] = obj.pop("digest").removeprefix("sha256:")
         body["plain_bytes"] = self.plain_bytes
         body["stored_bytes"] = self.stored_bytes
         body["checksum"] = _checksum(body)
@@ -123,9 +125,12 @@ class Manifest:
         rest = {k: v for k, v in body.items() if k != "checksum"}
         ok = stored == _checksum(rest)
         fields = {k: v for k, v in rest.items() if k in cls.__dataclass_fields__}
-        fields["objects"] = [_object_entry(o) for o in body.get("objects", [])]
-        fields["tables"] = [TableCount(**t) for t in body.get("tables", [])]
-        manifest = cls(**fields)
+        try:
+            fields["objects"] = [_object_entry(o) for o in body.get("objects", [])]
+            fields["tables"] = [TableCount(**t) for t in body.get("tables", [])]
+            manifest = cls(**fields)
+        except (TypeError, KeyError, AttributeError) as exc:  # missing or unknown fields
+            raise ValueError(f"malformed manifest: {exc}") from None
         manifest.checksum_ok = ok
         return manifest
 

@@ -331,9 +331,12 @@ def restore_files(repo: Repository, manifest: Manifest, target: Path, spaces: di
             os.symlink(ln["target"], dest)
     by_object: dict[tuple[str, str], list[dict[str, Any]]] = {}
     merged: list[dict[str, Any]] = []
+    empty: list[dict[str, Any]] = []
     for f in p.get("files", []):
         if f.get("kind", "full") == "incremental":
             merged.append(f)
+        elif "object" not in f and int(f["size"]) == 0:  # an empty file of a diff/incr stores no bytes, so no object
+            empty.append(f)
         else:
             by_object.setdefault((f.get("backup") or manifest.id, f["object"]), []).append(f)
     merged.sort(key=lambda f: (f["base"]["backup"], f["base"]["object"], int(f["base"].get("offset", 0))))
@@ -342,11 +345,16 @@ def restore_files(repo: Repository, manifest: Manifest, target: Path, spaces: di
         _remove_extra(target, {f["path"] for f in p.get("files", [])}, {d["path"] for d in p.get("dirs", [])})
     wal = [o.name for o in manifest.objects if o.name.startswith("wal/")]
     (target / "pg_wal").mkdir(exist_ok=True)
+    for f in empty:
+        if writer._unchanged(writer.dest(f["path"]), f):
+            writer.skipped += 1
+        else:
+            writer._write(f, [])
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="restore") as pool:
         sizes = list(pool.map(lambda item: writer.restore_object(item[0][1], item[1], item[0][0]), sorted(by_object.items())))
         sizes += list(pool.map(lambda f: writer.restore_merged(cache, f), merged))
         list(pool.map(writer.restore_wal, wal))
-    report.files = sum(len(v) for v in by_object.values()) + len(merged)
+    report.files = sum(len(v) for v in by_object.values()) + len(merged) + len(empty)
     report.bytes = sum(sizes)
     report.skipped = writer.skipped
 

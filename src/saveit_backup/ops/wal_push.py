@@ -197,7 +197,7 @@ def _compare_existing(repo: Repository, key: str, name: str, fd: int, local: str
     from saveit_backup.pipeline.envelope import describe
 
     try:
-        stored = digests.recorded(describe(repo.storage.open(key), key))  # written by hosts holding public keys only
+        stored = digests.recorded(describe(repo.storage.open(key), key), required=False)  # written by hosts holding public keys only
         if not stored:
             h = digests.new()
             for chunk in repo.read_object(key):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from saveit_backup.errors import RepositoryFormatError
+from saveit_backup.errors import IntegrityError, RepositoryFormatError
 
 WRITE_ALGORITHM = "blake3"
 READ_ALGORITHMS = ("blake3", "sha256")
@@ -49,8 +49,11 @@ def of_bytes(data: bytes | bytearray | memoryview, algorithm: str = WRITE_ALGORI
 
 
 def algorithm_of(digest: str) -> str:
-    """The algorithm of a recorded digest (checked: unknown ones raise)."""
-    algorithm = digest.partition(":")[0]
+    """The algorithm of a recorded digest: IntegrityError if it is not "<algorithm>:<hex>",
+    RepositoryFormatError for an algorithm this build does not know."""
+    algorithm, colon, hexdigest = digest.partition(":")
+    if not (algorithm and colon and hexdigest):
+        raise IntegrityError(f"malformed digest {digest[:40]!r} (expected '<algorithm>:<hex>')")
     new(algorithm)
     return algorithm
 
@@ -65,12 +68,15 @@ def matches(hasher: Hasher, expected: str) -> bool:
     return tagged(hasher, expected.partition(":")[0]) == expected
 
 
-def recorded(entry: Mapping[str, Any]) -> str:
-    """The digest an entry records: ``digest``, or the ``sha256`` of format 1; "" when it has none."""
-    if FIELD in entry:
-        return str(entry[FIELD])
-    legacy = entry.get(LEGACY_FIELD)
-    return f"sha256:{legacy}" if legacy else ""
+def recorded(entry: Mapping[str, Any], required: bool = True) -> str:
+    """The digest an entry records: ``digest``, or the ``sha256`` of format 1.  An entry without one is
+    damaged (IntegrityError); with ``required=False`` it gives ""."""
+    found = str(entry.get(FIELD) or "")
+    if not found and entry.get(LEGACY_FIELD):
+        found = f"sha256:{entry[LEGACY_FIELD]}"
+    if not found and required:
+        raise IntegrityError(f"{entry.get('path') or entry.get('object') or 'an entry'} records no digest (manifest damaged)")
+    return found
 
 
 def short(digest: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from saveit_backup.pg import pagecheck as pc
-from tests.unit.test_pagecheck import REAL_CHECKSUM, REAL_PAGE
+from tests.unit.test_pagecheck import REAL_CHECKSUM, REAL_PAGE, _page, _sign
 
 Data = bytes | bytearray | memoryview
 CheckChunk = Callable[[Data, int, int], tuple[int, list[pc.BadPage]]]
@@ -63,17 +63,6 @@ IMPLS: list[Any] = [
     pytest.param(_native_check_chunk, id="native", marks=needs_native),
     pytest.param(pc._check_chunk_numpy, id="numpy"),
 ]
-
-
-def _page(rng: random.Random, lsn: int = 0x1_0000_0000, upper: int = 100) -> bytearray:
-    page = bytearray(rng.randbytes(pc.BLCKSZ))
-    struct.pack_into("<IIHHHH", page, 0, lsn >> 32, lsn & 0xFFFFFFFF, 0, 0, 40, upper)
-    return page
-
-
-def _sign(page: bytearray, blkno: int) -> bytearray:
-    struct.pack_into("<H", page, 8, pc.checksum_page_slow(bytes(page), blkno))
-    return page
 
 
 def _mixed_chunk(rng: random.Random, first_blkno: int) -> bytes:

@@ -86,6 +86,22 @@ static int to_u64(PyObject *obj, void *out)
     return 1;
 }
 
+/* Hold obj's buffer (*npages full pages) and allocate *npages results of item bytes at *out (NULL for
+   none). 0 with an exception set on failure, nothing then held. */
+static int hold_pages(PyObject *obj, Py_buffer *view, Py_ssize_t *npages, size_t item, void **out)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0)
+        return 0;
+    *npages = view->len / BLCKSZ;
+    *out = NULL;
+    if (*npages > 0 && !(*out = PyMem_RawMalloc((size_t)*npages * item))) {
+        PyBuffer_Release(view);
+        PyErr_NoMemory();
+        return 0;
+    }
+    return 1;
+}
+
 typedef struct {
     Py_ssize_t index;  /* page number within data */
     int expected;      /* computed checksum, 0 for a new page that is not all zero */
@@ -109,15 +125,10 @@ static PyObject *check_chunk(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "OO&O&:check_chunk", &obj, to_u64, &first, to_u64, &max_lsn))
         return NULL;
-    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0)
+    if (!hold_pages(obj, &view, &npages, sizeof *bad, (void **)&bad))
         return NULL;
-    npages = view.len / BLCKSZ;
     if (npages > 0 && (uint64_t)(npages - 1) > UINT64_MAX - first) {  /* blocks are reported as uint64 */
         PyErr_SetString(PyExc_OverflowError, "block numbers beyond 2**64");
-        goto done;
-    }
-    if (npages > 0 && !(bad = PyMem_RawMalloc((size_t)npages * sizeof *bad))) {
-        PyErr_NoMemory();
         goto done;
     }
 
@@ -174,13 +185,8 @@ static PyObject *checksums(PyObject *self, PyObject *args)
     (void)self;
     if (!PyArg_ParseTuple(args, "OO&:checksums", &obj, to_u64, &first))
         return NULL;
-    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0)
+    if (!hold_pages(obj, &view, &npages, sizeof *sums, (void **)&sums))
         return NULL;
-    npages = view.len / BLCKSZ;
-    if (npages > 0 && !(sums = PyMem_RawMalloc((size_t)npages * sizeof *sums))) {
-        PyErr_NoMemory();
-        goto done;
-    }
 
     Py_BEGIN_ALLOW_THREADS
     uint32_t words[WORDS];

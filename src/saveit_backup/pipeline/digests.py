@@ -24,18 +24,22 @@ class Hasher(Protocol):
     def hexdigest(self) -> str: ...
 
 
+def _known(algorithm: str) -> str:
+    if algorithm not in READ_ALGORITHMS:
+        raise RepositoryFormatError(f"digest algorithm {algorithm!r} is not supported (this build reads {', '.join(READ_ALGORITHMS)})",
+                                    hint="a newer saveit-backup wrote this repository: upgrade to read it")
+    return algorithm
+
+
 def new(algorithm: str = WRITE_ALGORITHM) -> Hasher:
     """A fresh hasher; both release the GIL on large inputs."""
-    if algorithm == "blake3":
+    if _known(algorithm) == "blake3":
         from blake3 import blake3
 
         return blake3()
-    if algorithm == "sha256":
-        import hashlib
+    import hashlib
 
-        return hashlib.sha256()
-    raise RepositoryFormatError(f"digest algorithm {algorithm!r} is not supported (this build reads {', '.join(READ_ALGORITHMS)})",
-                                hint="a newer saveit-backup wrote this repository: upgrade to read it")
+    return hashlib.sha256()
 
 
 def tagged(hasher: Hasher, algorithm: str = WRITE_ALGORITHM) -> str:
@@ -54,8 +58,7 @@ def algorithm_of(digest: str) -> str:
     algorithm, colon, hexdigest = digest.partition(":")
     if not (algorithm and colon and hexdigest):
         raise IntegrityError(f"malformed digest {digest[:40]!r} (expected '<algorithm>:<hex>')")
-    new(algorithm)
-    return algorithm
+    return _known(algorithm)
 
 
 def like(digest: str) -> Hasher:

@@ -12,10 +12,10 @@ test:
 	@scripts/as-postgres test-inner
 
 # The C page checker (setup.py) lives in the tree as a built .so; scripts/as-postgres's copy drops it,
-# so it is rebuilt whenever it does not import and a compiler is there.
+# so it is rebuilt whenever it does not import and a compiler is there; so is a missing saveit-wal-push.
 venv: $(VENV)/.installed
-	@$(VENV)/bin/python -c 'import saveit_backup.pg._pagecheck' 2>/dev/null || ! command -v gcc >/dev/null || \
-	  $(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	@{ $(VENV)/bin/python -c 'import saveit_backup.pg._pagecheck' 2>/dev/null && test -x $(VENV)/bin/saveit-wal-push; } || \
+	  ! command -v gcc >/dev/null || $(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'

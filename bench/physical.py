@@ -24,7 +24,8 @@ In the same run, interleaved round-robin (``bench/common.py``), medians over ``-
   hard-linked into a staging ``pg_wal`` with ``archive_status/*.ready``; a driver calls each tool
   once per segment in name order and renames ``.ready`` to ``.done`` after each success, as
   PostgreSQL's archiver does: ``saveit-backup wal-push`` and ``pgbackrest archive-push``, sync and
-  async (``wal-push --async``; ``archive-push --archive-async --process-max=2``, spool path).
+  async (``wal-push --async``; ``archive-push --archive-async --process-max=2``, spool path), and
+  ``saveit-wal-push --async``, the native async client that answers without starting Python.
   The driver is a child subreaper, so detached async workers stay in the measured process tree.
 * cold start: ``--coldstart-runs`` single pushes of one segment for each tool, alternating.
 
@@ -334,7 +335,11 @@ class Bench:
             rm(work)
             return {"seg_s": count / loop, "loop": loop, "stored": stored}
 
-        if tool == "saveit":
+        if tool == "saveit" and mode == "native":  # the native async client (setup.py builds it next to CLI)
+            cmd = [str(Path(CLI).parent / "saveit-wal-push"), "--async"]
+            env = self.saveit_env(work / "repo", BACKUP_SPOOL_DIR=str(work / "spool"))
+            main = "saveit-wal-push"
+        elif tool == "saveit":
             cmd = [CLI, "wal-push", *(["--async"] if mode == "async" else [])]
             env = self.saveit_env(work / "repo", BACKUP_SPOOL_DIR=str(work / "spool"))
             main = "saveit-backup"
@@ -444,7 +449,9 @@ def main() -> int:
             wal = run_rounds([b.wal_contender("pgbackrest archive-push sync", segments, "pgbr", "sync"),
                               b.wal_contender("pgbackrest archive-push --archive-async", segments, "pgbr", "async"),
                               b.wal_contender("saveit wal-push sync", segments, "saveit", "sync"),
-                              b.wal_contender("saveit wal-push --async", segments, "saveit", "async")], args.wal_rounds or args.rounds,
+                              b.wal_contender("saveit wal-push --async", segments, "saveit", "async"),
+                              b.wal_contender("saveit-wal-push --async (native client)", segments, "saveit", "native")],
+                             args.wal_rounds or args.rounds,
                              warmup=False)  # 200 segments per run: the first round warms the page cache for all
             loads.append(f"after WAL push {load_line()}")
             seg_s = MetricColumn("seg_s", "Segments/s", 1, 1)

@@ -40,15 +40,15 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, check=False, timeout=120)
 
 
-def start_archiving_cluster(base: Path, settings: str, extra_args: str = "") -> tuple[Cluster, Path]:
-    """A cluster whose archive_command pushes into ``base/repo`` with the TOML ``settings``."""
+def start_archiving_cluster(base: Path, settings: str, extra_args: str = "", push: str = f"{CLI} wal-push") -> tuple[Cluster, Path]:
+    """A cluster whose archive_command (``push``) pushes into ``base/repo`` with the TOML ``settings``."""
     if os.geteuid() == 0:
         pytest.fail("run the tests as the postgres OS user")
     repo = base / "repo"
     cfg = base / "saveit.toml"
     cfg.write_text(f'repository = "file://{repo}"\n{settings}')
     cluster = Cluster(base / "data", free_port(), socket_dir=base)
-    command = f"BACKUP_CONFIG={cfg} {CLI} wal-push {extra_args}%p"
+    command = f"BACKUP_CONFIG={cfg} {push} {extra_args}%p"
     cluster.initdb(extra_conf={"archive_mode": "on", "archive_command": f"'{command}'", "wal_keep_size": "'2GB'"})
     cluster.start()
     return cluster, repo
@@ -196,9 +196,18 @@ def test_wal_fetch(synced: tuple[Cluster, Path, list[str]], tmp_path: Path) -> N
 
 
 # --- async ------------------------------------------------------------------------------------
-def test_async_archive_stores_exact_segments(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["saveit-backup", "saveit-wal-push"])
+def test_async_archive_stores_exact_segments(tmp_path: Path, client: str) -> None:
+    """Async mode set in the config file (saveit-backup wal-push), or on the command line with the spool
+    in the environment, as the native client answers it without the full command (saveit-wal-push)."""
     spool = tmp_path / "spool"
-    cluster, repo = start_archiving_cluster(tmp_path, f'archive_async = true\nspool_dir = "{spool}"\n')
+    if client == "saveit-backup":
+        cluster, repo = start_archiving_cluster(tmp_path, f'archive_async = true\nspool_dir = "{spool}"\n')
+    else:
+        native = Path(CLI).parent / client
+        if not native.exists():
+            pytest.skip("saveit-wal-push is not built (test_native_wal_client.test_client_is_built says why)")
+        cluster, repo = start_archiving_cluster(tmp_path, "", "--async ", push=f"BACKUP_SPOOL_DIR={spool} {native}")
     try:
         generate_segments(cluster, 30)
         done = wait_archived(cluster)

@@ -95,24 +95,28 @@ def test_recipient_only_writer_compares_by_header_hash(tmp_path: Path) -> None:
 NAME = "000000010000000000000042"
 
 
-@pytest.mark.parametrize(
-    ("args", "environ", "config_text", "ack", "expected"),
-    [
-        (["--async", "{path}"], {}, None, "stored", True),
-        (["{path}", "--async", "--timeout", "5", "--repo=file:///r"], {}, None, "stored", True),
-        (["{path}"], {"BACKUP_ARCHIVE_ASYNC": "true"}, None, "stored", True),
-        (["{path}"], {}, None, "stored", False),  # sync push: never acknowledged here
-        (["{path}"], {"BACKUP_CONFIG": "{cfg}"}, "archive_async = true\n", "stored", False),  # the file decides: full path
-        (["--async", "{path}"], {"BACKUP_CONFIG": "{cfg}"}, 'repository = "file:///r"\n', "stored", True),
-        (["--async", "{path}"], {"BACKUP_CONFIG": "{cfg}"}, 'spool_dir = "/elsewhere"\n', "stored", False),
-        (["--async", "{path}"], {}, None, DROPPED, False),  # the full path reports a dropped file
-        (["--async", "{path}"], {}, None, None, False),  # not pushed yet
-        (["--async", "-v", "{path}"], {}, None, "stored", False),
-        (["--async", "--unknown", "{path}"], {}, None, "stored", False),
-        (["--async", "{path}", "extra"], {}, None, "stored", False),
-        (["--async", "--config"], {}, None, "stored", False),
-    ],
-)
+# (wal-push arguments, environment, config file text, the ack's content, acknowledged without the full
+# command); test_native_wal_client runs the same table through the native client.
+ACK_CASES = [
+    (["--async", "{path}"], {}, None, "stored", True),
+    (["{path}", "--async", "--timeout", "5", "--repo=file:///r"], {}, None, "stored", True),
+    (["{path}"], {"BACKUP_ARCHIVE_ASYNC": "true"}, None, "stored", True),
+    (["{path}"], {}, None, "stored", False),  # sync push: never acknowledged here
+    (["{path}"], {"BACKUP_CONFIG": "{cfg}"}, "archive_async = true\n", "stored", False),  # the file decides: full path
+    (["--async", "{path}"], {"BACKUP_CONFIG": "{cfg}"}, 'repository = "file:///r"\n', "stored", True),
+    (["--async", "{path}"], {"BACKUP_CONFIG": "{cfg}"}, 'spool_dir = "/elsewhere"\n', "stored", False),
+    (["--async", "{path}"], {}, None, DROPPED, False),  # the full path reports a dropped file
+    (["--async", "{path}"], {}, None, None, False),  # not pushed yet
+    (["--async", "-v", "{path}"], {}, None, "stored", False),
+    (["--async", "--unknown", "{path}"], {}, None, "stored", False),
+    (["--async", "{path}", "extra"], {}, None, "stored", False),
+    (["--async", "--config"], {}, None, "stored", False),
+    (["--async=yes", "{path}"], {}, None, "stored", False),
+    (["--timeout=5", "--", "{path}"], {"BACKUP_ARCHIVE_ASYNC": " On "}, None, "exists", True),
+]
+
+
+@pytest.mark.parametrize(("args", "environ", "config_text", "ack", "expected"), ACK_CASES)
 def test_acknowledged(tmp_path: Path, args: list[str], environ: dict[str, str], config_text: str | None, ack: str | None,
                       expected: bool) -> None:
     from saveit_backup.ops.wal_spool import acknowledged

@@ -178,14 +178,23 @@ def acknowledged(args: SimpleNamespace | None, environ: dict[str, str] | os._Env
         return FastAck(False)
     spool = Spool.at(spool_dir or "", os.path.dirname(path))
     status = _ack(spool, name)
-    waited_since = None
-    if status is None and os.path.isdir(spool.requests) and spool.worker_running():
+    waited_since = _handed_over(environ)
+    if status is None and waited_since is None and os.path.isdir(spool.requests) and spool.worker_running():
         waited_since = time.monotonic()
         status = _wait_running(spool, name, path, waited_since + min(FAST_WAIT, float(args.timeout)))
     if status != "pushed":
         return FastAck(False, waited_since)
     unlink_missing_ok(spool.request(name))
     return FastAck(True)
+
+
+def _handed_over(environ: dict[str, str] | os._Environ[str]) -> float | None:
+    """When the native client (native/saveit-wal-push.c) already waited for the running worker:
+    ``time.monotonic()`` when that wait began (SAVEIT_WAITED_SINCE), so the wait is not repeated."""
+    try:
+        return float(environ["SAVEIT_WAITED_SINCE"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _ack(spool: Spool, name: str) -> str | None:

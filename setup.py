@@ -4,7 +4,7 @@
   C compiler (or Python headers) the build skips it (``optional=True``) and pagecheck.py uses numpy.
 * ``saveit-wal-push`` (native/saveit-wal-push.c), installed next to ``saveit-backup``: the async
   archive_command's client without a Python interpreter's start. It needs a C compiler and OpenSSL's
-  headers (libcrypto, for the default spool's name); without them it is not installed and
+  headers (libcrypto, loaded at run time for the default spool's name); without them it is not installed and
   ``saveit-backup wal-push --async`` does the same work.
 """
 
@@ -33,7 +33,7 @@ class BuildScriptsAndClient(build_scripts):
         temp = os.path.join(self.get_finalized_command("build").build_temp, CLIENT)
         try:
             objects = compiler.compile([CLIENT_SOURCE], output_dir=temp, extra_postargs=["-O2", "-Wall"])
-            compiler.link_executable(objects, CLIENT, output_dir=self.build_dir, libraries=["crypto"])
+            compiler.link_executable(objects, CLIENT, output_dir=self.build_dir)  # libcrypto: dlopen, when needed
         except (CCompilerError, DistutilsError, OSError) as exc:
             self.warn(f"{CLIENT} not built ({exc}): async archive_command uses saveit-backup wal-push --async")
             return

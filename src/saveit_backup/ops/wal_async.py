@@ -152,9 +152,11 @@ class Worker:
                 for name in sorted(ready, key=_order):
                     if len(inflight) >= self.jobs * 2:
                         break
-                    inflight[name] = pool.submit(push_file, repo, ready[name], options, name, cpu, False)  # type: ignore[arg-type]
+                    inflight[name] = pool.submit(push_file, repo, ready[name], options, name, cpu)  # type: ignore[arg-type]
                 if inflight:
-                    done, _ = wait(list(inflight.values()), timeout=self.poll, return_when=FIRST_COMPLETED)
+                    # A full queue takes nothing new: rescan only when a push ends (or once a second, for stop).
+                    full = len(inflight) >= self.jobs * 2
+                    done, _ = wait(list(inflight.values()), timeout=1.0 if full else self.poll, return_when=FIRST_COMPLETED)
                     for name, fut in list(inflight.items()):
                         if fut in done:
                             del inflight[name]
@@ -286,6 +288,9 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     from saveit_backup import config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s", stream=sys.stderr)
+    import faulthandler
+
+    faulthandler.enable()  # segments are mapped (wal_push._contents): a SIGBUS is written to the log before the worker dies
     try:
         settings = config.load({"repository": args.repo}, config_file=args.config)
         spool = Spool(os.path.abspath(args.spool)) if args.spool else Spool.for_cluster(settings, args.pg_wal)

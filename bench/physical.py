@@ -275,11 +275,15 @@ class Bench:
         def before(rnd: int) -> None:
             rm(target)
             target.mkdir(mode=0o700)
+            os.sync()  # nobody inherits the previous contender's dirty pages
 
         def after(rnd: int, s: Sample) -> Mapping[str, float]:
+            started = time.monotonic()
+            os.sync()  # what the restore left unwritten (pgBackRest syncs each file; saveit and tar leave it to the kernel)
+            synced = time.monotonic() - started
             size = du(target)
             rm(target)
-            return {"restored": size}
+            return {"restored": size, "sync_s": synced}
 
         return Contender(name, lambda r: command(), env, main, before=before, after=after)
 
@@ -444,7 +448,11 @@ def main() -> int:
             loads.append(f"after restores {load_line()}")
             sections.append("### Full backup\n\n" + markdown_table(backups, "pgBackRest zstd-3", [size]))
             sections.append("### Restore (files only, no server start)\n\n"
-                            + markdown_table(restores, "pgBackRest restore (zstd-3)"))
+                            + markdown_table(restores, "pgBackRest restore (zstd-3)",
+                                             [MetricColumn("sync_s", "sync after (s)", 1, 2, ratio=False)])
+                            + "\n\n`sync after`: an untimed `sync` right after each restore (the data directory "
+                              "had none before it); pgBackRest fsyncs every file it restores, saveit-backup and tar leave "
+                              "the writing to the kernel and PostgreSQL's start-up sync of the data directory.")
         if not args.skip_wal:
             wal = run_rounds([b.wal_contender("pgbackrest archive-push sync", segments, "pgbr", "sync"),
                               b.wal_contender("pgbackrest archive-push --archive-async", segments, "pgbr", "async"),

@@ -57,6 +57,8 @@ static void hand_over(double waited_since) {
         char value[64];
         snprintf(value, sizeof value, "%.6f", waited_since);
         setenv("SAVEIT_WAITED_SINCE", value, 1);
+    } else {
+        unsetenv("SAVEIT_WAITED_SINCE"); /* only this program tells the full command it waited */
     }
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
     if (n > 0) {

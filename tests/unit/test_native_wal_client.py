@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from saveit_backup.ops.wal_async import Spool
-from tests.unit.test_wal_push_unit import ACK_CASES, NAME
+from tests.unit.test_wal_push_unit import ACK_CASES, NAME, ack_case
 
 CLIENT = Path(sys.executable).parent / "saveit-wal-push"
 HANDED = 42  # the stand-in's exit status
@@ -63,18 +63,7 @@ def handed_args(client: Path) -> list[str]:
 @pytest.mark.parametrize(("args", "environ", "config_text", "ack", "expected"), ACK_CASES)
 def test_answers_as_acknowledged_does(client: Path, tmp_path: Path, args: list[str], environ: dict[str, str],
                                       config_text: str | None, ack: str | None, expected: bool) -> None:
-    spool = Spool(str(tmp_path / "spool"))
-    spool.create()
-    path, cfg = str(tmp_path / "pg_wal" / NAME), str(tmp_path / "saveit.toml")
-    if config_text is not None:
-        Path(cfg).write_text(config_text)
-    if ack is not None:
-        Path(spool.ok(NAME)).write_text(ack)
-    Path(spool.request(NAME)).write_text(path)
-    env = {"BACKUP_SPOOL_DIR": spool.root, **{k: v.format(cfg=cfg) for k, v in environ.items()}}
-    if config_text is not None and "spool_dir" in config_text:
-        del env["BACKUP_SPOOL_DIR"]
-    argv = [a.format(path=path) for a in args]
+    spool, argv, env = ack_case(tmp_path, args, environ, config_text, ack)
     res = run(client, argv, env)
     if expected:
         assert res.returncode == 0, res.stderr

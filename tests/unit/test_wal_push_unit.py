@@ -116,12 +116,9 @@ ACK_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("args", "environ", "config_text", "ack", "expected"), ACK_CASES)
-def test_acknowledged(tmp_path: Path, args: list[str], environ: dict[str, str], config_text: str | None, ack: str | None,
-                      expected: bool) -> None:
-    from saveit_backup.ops.wal_spool import acknowledged
-    from saveit_backup.wal_args import quick_args
-
+def ack_case(tmp_path: Path, args: list[str], environ: dict[str, str], config_text: str | None,
+             ack: str | None) -> tuple[Spool, list[str], dict[str, str]]:
+    """An ACK_CASES row set up under ``tmp_path``: (the spool, wal-push's arguments, the environment)."""
     spool = Spool(str(tmp_path / "spool"))
     spool.create()
     path, cfg = str(tmp_path / "pg_wal" / NAME), str(tmp_path / "saveit.toml")
@@ -133,7 +130,17 @@ def test_acknowledged(tmp_path: Path, args: list[str], environ: dict[str, str], 
     env = {"BACKUP_SPOOL_DIR": spool.root, **{k: v.format(cfg=cfg) for k, v in environ.items()}}
     if config_text is not None and "spool_dir" in config_text:
         del env["BACKUP_SPOOL_DIR"]
-    assert acknowledged(quick_args(["wal-push", *(a.format(path=path) for a in args)]), env).done is expected
+    return spool, [a.format(path=path) for a in args], env
+
+
+@pytest.mark.parametrize(("args", "environ", "config_text", "ack", "expected"), ACK_CASES)
+def test_acknowledged(tmp_path: Path, args: list[str], environ: dict[str, str], config_text: str | None, ack: str | None,
+                      expected: bool) -> None:
+    from saveit_backup.ops.wal_spool import acknowledged
+    from saveit_backup.wal_args import quick_args
+
+    spool, argv, env = ack_case(tmp_path, args, environ, config_text, ack)
+    assert acknowledged(quick_args(["wal-push", *argv]), env).done is expected
     assert Path(spool.request(NAME)).exists() is not expected  # an acknowledged request is consumed
 
 

@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
-import numpy as np
-
 from saveit_backup.domain.manifest import Manifest, ObjectEntry
 from saveit_backup.errors import BackupNotFound, IntegrityError
 from saveit_backup.pg import pagecheck
@@ -161,6 +159,8 @@ def changed_rows(chunk: bytes, first_block: int, ref_blocks: int, start_lsn: int
     """Indices (into ``chunk``'s pages) of the pages to keep: changed since ``start_lsn``, all-zero LSN (new or
     re-extended), or at or beyond the reference's size.  ``pd_lsn`` is the page's first 8 bytes (xlogid,
     xrecoff, little-endian uint32)."""
+    import numpy as np  # in the functions that use it: full backups and restores never load numpy (50-70 ms, idle BLAS threads)
+
     n = len(chunk) // block_size
     head = np.frombuffer(chunk, "<u4", count=n * block_size // 4).reshape(n, block_size // 4)[:, :2].astype(np.uint64)
     lsn = head[:, 0] << np.uint64(32) | head[:, 1]
@@ -245,6 +245,8 @@ class DeltaReader:
 
     def _batch(self) -> bool:
         """Read the next batch; False at the end (after checking the end marker)."""
+        import numpy as np
+
         if not self.left:
             if not self.ended:
                 if self.stream.read(_BLOCKNO.size) != _BLOCKNO.pack(_END):
@@ -275,6 +277,8 @@ class DeltaReader:
 
     def take_until(self, end: int) -> tuple[Any, Any]:
         """The records of blocks below ``end``: (block numbers, records as rows), consumed."""
+        import numpy as np
+
         blocks, records = [], []
         while (nxt := self.next_block()) is not None and nxt < end:
             stop = self.at + int(np.searchsorted(self.blocks[self.at :], end))
@@ -327,6 +331,8 @@ def _records(chunk: bytes, first: int, rows: Any, block_size: int, window: bytes
     """Delta records of ``chunk``'s pages ``rows`` (block number, then the page).  With ``window`` (the
     reference's run of READ_BLOCKS blocks holding block ``first``), pages of blocks below ``ref_blocks`` are
     XOR with the reference's."""
+    import numpy as np
+
     out = np.empty((len(rows), _BLOCKNO.size + block_size), np.uint8)
     out[:, _BLOCKNO.size :] = np.frombuffer(chunk, np.uint8).reshape(-1, block_size)[rows]
     out[:, : _BLOCKNO.size] = (rows + first).astype(">u4").view(np.uint8).reshape(len(rows), _BLOCKNO.size)
@@ -414,6 +420,8 @@ class DeltaProducer:
         self.stats.add(files_full=1)
 
     def _delta(self, work: IncrementalWork, fd: int, meta: dict[str, Any], ref: dict[str, Any]) -> Iterator[bytes]:
+        import numpy as np
+
         e = work.entry
         bs = self.block_size
         ref_blocks = int(ref["size"]) // bs
@@ -578,6 +586,8 @@ def merged(entry: dict[str, Any], base: ByteStream, deltas: list[tuple[ByteStrea
     """The file ``entry`` describes, streamed in runs of ``READ_BLOCKS`` blocks: the base's blocks with each
     delta's records applied in turn, oldest first (a page replaces the block, an XOR record is XORed into
     it).  The digest of the base and of every delta is checked once they are read through."""
+    import numpy as np
+
     try:
         bs = int(entry["block_size"])
         nblocks = int(entry["size"]) // bs

@@ -31,8 +31,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import IO
 
-import numpy as np
-
 from saveit_backup.domain.manifest import Manifest
 from saveit_backup.domain.wal import Lsn
 from saveit_backup.errors import IntegrityError
@@ -50,6 +48,8 @@ class Incremental:
     """A spooled ``INCREMENTAL.<name>`` file: its blocks and where each one lies in the spool."""
 
     def __init__(self, path: Path, block_size: int, what: str, max_blocks: int = RELSEG_BLOCKS) -> None:
+        import numpy as np  # here: restores without PostgreSQL 17 incrementals never load numpy
+
         self.path = path
         with open(path, "rb") as f:
             head = f.read(_HEAD.size)
@@ -121,6 +121,8 @@ def _without_incremental_lines(label: bytes) -> bytes:
 def rebuild(dest: Path, pending: _Pending, whole: IO[bytes] | None, whole_size: int, block_size: int) -> None:
     """Write ``dest`` from ``pending``'s incremental files (newest first) and, if given, a whole copy of the
     file (``whole_size`` bytes, read forward only), by the rules in the module docstring."""
+    import numpy as np
+
     sources = pending.sources
     newest = sources[0]
     length = max(newest.truncation, int(newest.blocks.max()) + 1 if len(newest.blocks) else 0)

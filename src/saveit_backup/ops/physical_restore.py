@@ -292,6 +292,14 @@ class Writer:
             self._write(e, [bytes(view[e["offset"] : e["offset"] + e["size"]])])
         return sum(int(e["size"]) for e in todo)
 
+    def restore_empty(self, entry: dict[str, Any]) -> None:
+        """An empty file of a diff/incr: no object holds it."""
+        if self._unchanged(self.dest(entry["path"]), entry):
+            with self.lock:
+                self.skipped += 1
+            return
+        self._write(entry, [])
+
     def restore_merged(self, cache: incremental.PackCache, entry: dict[str, Any]) -> int:
         """A file of a diff/incr chain: base and block deltas merged in one pass."""
         dest = self.dest(entry["path"])
@@ -346,10 +354,7 @@ def restore_files(repo: Repository, manifest: Manifest, target: Path, spaces: di
     wal = [o.name for o in manifest.objects if o.name.startswith("wal/")]
     (target / "pg_wal").mkdir(exist_ok=True)
     for f in empty:
-        if writer._unchanged(writer.dest(f["path"]), f):
-            writer.skipped += 1
-        else:
-            writer._write(f, [])
+        writer.restore_empty(f)
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="restore") as pool:
         sizes = list(pool.map(lambda item: writer.restore_object(item[0][1], item[1], item[0][0]), sorted(by_object.items())))
         sizes += list(pool.map(lambda f: writer.restore_merged(cache, f), merged))

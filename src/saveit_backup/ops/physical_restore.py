@@ -58,6 +58,10 @@ LOG_MARKERS = ("starting point-in-time recovery", "starting archive recovery", "
                "recovery stopping", "last completed transaction", "redo done at", "recovery has paused", "selected new timeline",
                "archive recovery complete", "database system is ready", "FATAL", "PANIC")
 START_TIMEOUT = 3600.0
+# What creating one file costs, counted in restored bytes, to order objects (_costliest_first).  Measured
+# here: a pack's file took 0.4-0.8 ms (ext4 without a journal searches past recently deleted inodes),
+# a big file's MiB about 1 ms; on a fresh file system a file takes about 0.05 ms.
+FILE_COST_BYTES = 256 << 10
 
 
 @dataclass
@@ -259,7 +263,7 @@ class Writer:
             return False
         return incremental.file_matches(str(dest), entry)
 
-    def _write(self, entry: dict[str, Any], chunks: Iterable[bytes]) -> None:
+    def _write(self, entry: dict[str, Any], chunks: Iterable[bytes | memoryview]) -> None:
         dest = self.dest(entry["path"])
         expected = digests.recorded(entry)
         h = digests.like(expected)
@@ -269,12 +273,13 @@ class Writer:
                 h.update(chunk)
                 size += len(chunk)
                 out.write(chunk)
-        if size != entry["size"] or not digests.matches(h, expected):
-            raise IntegrityError(f"backup {self.manifest.id}: restored {entry['path']} differs from the manifest "
-                                 f"({size} bytes, expected {entry['size']})")
-        os.chmod(dest, entry.get("mode", 0o600) & 0o777)
-        if entry.get("mtime"):
-            os.utime(dest, (entry["mtime"], entry["mtime"]))
+            if size != entry["size"] or not digests.matches(h, expected):
+                raise IntegrityError(f"backup {self.manifest.id}: restored {entry['path']} differs from the manifest "
+                                     f"({size} bytes, expected {entry['size']})")
+            out.flush()  # before the times are set; by descriptor: no second and third path lookup
+            os.fchmod(out.fileno(), entry.get("mode", 0o600) & 0o777)
+            if entry.get("mtime"):
+                os.utime(out.fileno(), (entry["mtime"], entry["mtime"]))
 
     def restore_object(self, name: str, entries: list[dict[str, Any]], backup: str | None = None) -> int:
         key = layout.object_key(backup or self.manifest.id, name)
@@ -286,10 +291,9 @@ class Writer:
         if len(entries) == 1 and entries[0]["offset"] == 0 and (name.startswith("f") or entries[0].get("own")):
             self._write(entries[0], self.repo.read_object(key))
             return int(entries[0]["size"])
-        data = b"".join(self.repo.read_object(key))
-        view = memoryview(data)
+        pack = memoryview(b"".join(self.repo.read_object(key)))
         for e in todo:
-            self._write(e, [bytes(view[e["offset"] : e["offset"] + e["size"]])])
+            self._write(e, [pack[e["offset"] : e["offset"] + e["size"]]])
         return sum(int(e["size"]) for e in todo)
 
     def restore_empty(self, entry: dict[str, Any]) -> None:
@@ -356,12 +360,20 @@ def restore_files(repo: Repository, manifest: Manifest, target: Path, spaces: di
     for f in empty:
         writer.restore_empty(f)
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="restore") as pool:
-        sizes = list(pool.map(lambda item: writer.restore_object(item[0][1], item[1], item[0][0]), sorted(by_object.items())))
+        sizes = list(pool.map(lambda item: writer.restore_object(item[0][1], item[1], item[0][0]),
+                              sorted(by_object.items(), key=_costliest_first)))
         sizes += list(pool.map(lambda f: writer.restore_merged(cache, f), merged))
         list(pool.map(writer.restore_wal, wal))
     report.files = sum(len(v) for v in by_object.values()) + len(merged) + len(empty)
     report.bytes = sum(sizes)
     report.skipped = writer.skipped
+
+
+def _costliest_first(item: tuple[tuple[str, str], list[dict[str, Any]]]) -> tuple[int, str, str]:
+    """Objects by estimated cost, costliest first, then by name: the longest tasks start first, so no
+    thread is left working alone at the end.  A file costs its bytes plus ``FILE_COST_BYTES``."""
+    (backup, name), entries = item
+    return -sum(int(e["size"]) + FILE_COST_BYTES for e in entries), backup, name
 
 
 def _remove_extra(target: Path, files: set[str], dirs: set[str]) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import tracemalloc
 from collections.abc import Iterator
+from typing import Any
 
 import blake3
 import pytest
 
 from saveit_backup.errors import DecryptionError, IntegrityError, RepositoryFormatError
 from saveit_backup.pipeline.crypto import FRAME_SIZE, Identity, Keyring, decrypt_frames, encrypt_frames, generate_identity, parse_public_key
-from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode, describe, encode, encode_buffer
+from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode, decode_reader, describe, encode, encode_buffer
 from saveit_backup.pipeline.threads import read_ahead
 
 
@@ -71,6 +72,51 @@ def test_encode_buffer_is_the_same_object_format(codec: str, mode: str, plain: b
     sealed = encode_buffer(plain, EncodeOptions(codec=codec, encrypt=writer is not None, hash=False), writer, known,
                            plain_digest="blake3:" + "ab" * 32)
     assert known.plain_digest == describe([sealed])["digest"] == "blake3:" + "ab" * 32  # comparable without the key
+
+
+def _read_all(reader: Any, size: int = 100_003) -> bytes:
+    """Everything ``reader.readinto`` gives, in pieces of ``size``."""
+    out, buf = bytearray(), bytearray(size)
+    with memoryview(buf) as view:
+        while n := reader.readinto(view):
+            out += view[:n]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "gzip", "none"])
+@pytest.mark.parametrize("mode", ["none", "passphrase"])
+@pytest.mark.parametrize("threads", [0, 2])  # zstd: frames with an end marker, or one frame of worker threads
+@pytest.mark.parametrize("plain", [PLAIN, b"", os.urandom(5 << 20)])
+def test_decode_reader_gives_decode_s_bytes(codec: str, mode: str, threads: int, plain: bytes, tmp_path: object) -> None:
+    writer, reader = keyrings(tmp_path)[mode]
+    stored = b"".join(encode(chunks(plain), EncodeOptions(codec=codec, threads=threads, encrypt=writer is not None), writer, Digest()))
+    with decode_reader(chunks(stored, 7777), reader) as plain_file:
+        assert _read_all(plain_file) == plain
+
+
+def test_decode_reader_errors_and_closing() -> None:
+    from saveit_backup.storage.memory import MemoryStorage
+    from saveit_backup.storage.wrappers import LimitedStorage
+
+    stored = b"".join(encode(chunks(PLAIN), EncodeOptions(codec="zstd"), None, Digest()))
+    body_at = len(stored) - len(stored.split(b"}", 1)[1])
+    with decode_reader([stored[: len(stored) - 5000]], None) as cut:  # a cut stream ends early: the caller checks the size
+        got = _read_all(cut)
+        assert len(got) < len(PLAIN) and PLAIN.startswith(got)
+    corrupt = bytearray(stored)
+    corrupt[body_at + 4] ^= 0xFF  # the first frame's header
+    with pytest.raises(IntegrityError, match="corrupt zstd"), decode_reader([bytes(corrupt)], None) as bad:
+        _read_all(bad)
+    storage = LimitedStorage(MemoryStorage(), 1)  # one permit: a reader that does not release it blocks the next open
+    storage.put("o", stored)
+    for _ in range(3):
+        with decode_reader(storage.open("o"), None) as part:
+            part.readinto(bytearray(10))  # left unfinished
+    storage.put("e", b"".join(encode(chunks(PLAIN), EncodeOptions(encrypt=True), Keyring(passphrase="k"), Digest())))
+    with pytest.raises(DecryptionError):  # a wrong key fails at once, and releases the permit
+        decode_reader(storage.open("e"), Keyring(passphrase="wrong"))
+    with decode_reader(storage.open("o"), None) as whole:
+        assert _read_all(whole) == PLAIN
 
 
 @pytest.mark.parametrize("size", [0, 1, FRAME_SIZE - 1, FRAME_SIZE, FRAME_SIZE + 1, 3 * FRAME_SIZE])

@@ -6,10 +6,11 @@ that name, never from today's configuration.  All codecs release the GIL.
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 from saveit_backup.errors import ConfigError, IntegrityError
 
@@ -26,6 +27,7 @@ OUT_PIECE = 1 << 20
 # compressor's memory on relation files with the same output size and speed (measured here).
 ZSTD_JOB_SIZE = 2 << 20
 DECODE_SLICE = 16 << 10  # feed decompressors in slices: one call's output stays small (bounded memory)
+DECODE_READ = 128 << 10  # what a decompressing reader takes from its source at a time
 # Single-threaded zstd (the backup's parallel workers, one codec each) writes frames of this much plain
 # input, each compressed in one call, then an end marker (docs/format.md, "zstd_frame"): 25-30% less CPU
 # than one streaming frame on relation files and WAL, no larger (measured here; a streaming frame matches
@@ -249,3 +251,72 @@ def decompress_stream(chunks: Iterable[bytes], codec: str, zstd_framed: bool = F
         raise
     except Exception as exc:  # codec libraries raise their own error types
         raise IntegrityError(f"corrupt {codec} stream: {exc}") from exc
+
+
+class ChunkReader(io.RawIOBase):
+    """A raw file object over an iterator of byte chunks; closing it closes the iterator and ``source``
+    (what the chunks are made from: a storage stream may hold a concurrency permit until closed)."""
+
+    def __init__(self, chunks: Iterable[bytes | memoryview], source: Iterable[bytes] | None = None) -> None:
+        self._chunks = chunks
+        self._source = source
+        self._it = iter(chunks)
+        self._view = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._view:
+            try:
+                self._view = memoryview(next(self._it)).cast("B")
+            except StopIteration:
+                return 0
+        n = min(memoryview(b).nbytes, self._view.nbytes)
+        b[:n] = self._view[:n]
+        self._view = self._view[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._view = memoryview(b"")
+            for closing in (self._it, self._chunks, self._source):
+                close = getattr(closing, "close", None)
+                if close is not None:
+                    close()
+        super().close()
+
+
+class _ZstdReader(io.RawIOBase):
+    """zstd frames (and skippable frames, such as the end marker) decompressed straight into the
+    caller's buffer: no copy of the plain bytes.  The caller checks the plain size it expects: a cut
+    stream just ends early here."""
+
+    def __init__(self, source: ChunkReader) -> None:
+        import zstandard
+
+        self._reader = zstandard.ZstdDecompressor().stream_reader(cast("IO[bytes]", source), read_size=DECODE_READ,
+                                                                   read_across_frames=True)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        try:
+            n: int = self._reader.readinto(b)
+        except Exception as exc:  # zstandard raises its own error type
+            raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._reader.close()  # type: ignore[no-untyped-call]  # closes the source too
+        super().close()
+
+
+def decompress_reader(chunks: Iterable[bytes], codec: str, zstd_framed: bool = False) -> io.RawIOBase:
+    """The plain bytes of ``chunks`` as a raw file object (``readinto``); zstd decompresses straight
+    into the caller's buffer, other codecs go through ``decompress_stream``.  Closing it closes ``chunks``."""
+    if codec == "zstd":
+        return _ZstdReader(ChunkReader(chunks))
+    return ChunkReader(decompress_stream(chunks, codec, zstd_framed), source=chunks)

@@ -12,6 +12,7 @@ hashes and sizes the *plain* bytes as they pass (observers never change bytes);
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -20,7 +21,14 @@ from typing import Any, NamedTuple
 
 from saveit_backup.errors import EncryptionConfigError, IntegrityError, RepositoryFormatError
 from saveit_backup.pipeline import digests
-from saveit_backup.pipeline.compress import check_codec, compress_buffer, compress_stream, decompress_stream, zstd_frame_input
+from saveit_backup.pipeline.compress import (
+    check_codec,
+    compress_buffer,
+    compress_stream,
+    decompress_reader,
+    decompress_stream,
+    zstd_frame_input,
+)
 from saveit_backup.pipeline.crypto import FRAME_SIZE, Keyring, decrypt_frames, encrypt_frames
 
 MAGIC = b"SVB"
@@ -180,20 +188,38 @@ def decode(chunks: Iterable[bytes], keyring: Keyring | None, what: str = "object
     concurrency permit, and an exception's traceback would otherwise keep it alive.
     """
     try:
-        reader = _Reader(chunks)
-        header, header_bytes = read_header(reader, what)
-        cipher = header.get("cipher")
-        body = reader.rest()
-        if cipher == "aes-256-gcm":
-            key = (keyring or Keyring()).unwrap(header.get("slots", []), what)
-            body = decrypt_frames(body, key, header_bytes, what, int(header.get("frame", FRAME_SIZE)))
-        elif cipher != "none":
-            raise RepositoryFormatError(f"{what}: unsupported cipher {cipher!r}")
+        header, body = _open_body(chunks, keyring, what)
         plain = decompress_stream(body, str(header.get("codec")), bool(header.get("zstd_frame")))
     except BaseException:
         _close(chunks)
         raise
     return _closing(plain, chunks)
+
+
+def decode_reader(chunks: Iterable[bytes], keyring: Keyring | None, what: str = "object") -> io.RawIOBase:
+    """``decode`` as a raw file object whose ``readinto`` decompresses zstd straight into the caller's
+    buffer.  It does not check the plain size (a cut stream ends early): the caller compares it with
+    the size it expects.  Closing it closes ``chunks``."""
+    try:
+        header, body = _open_body(chunks, keyring, what)
+        return decompress_reader(_closing(body, chunks), str(header.get("codec")), bool(header.get("zstd_frame")))
+    except BaseException:
+        _close(chunks)
+        raise
+
+
+def _open_body(chunks: Iterable[bytes], keyring: Keyring | None, what: str) -> tuple[dict[str, Any], Iterator[bytes]]:
+    """The header and the body, decrypted (still compressed)."""
+    reader = _Reader(chunks)
+    header, header_bytes = read_header(reader, what)
+    cipher = header.get("cipher")
+    body = reader.rest()
+    if cipher == "aes-256-gcm":
+        key = (keyring or Keyring()).unwrap(header.get("slots", []), what)
+        body = decrypt_frames(body, key, header_bytes, what, int(header.get("frame", FRAME_SIZE)))
+    elif cipher != "none":
+        raise RepositoryFormatError(f"{what}: unsupported cipher {cipher!r}")
+    return header, body
 
 
 def _close(source: Iterable[bytes]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -20,7 +21,7 @@ from saveit_backup.errors import (
     RepositoryNotInitialized,
 )
 from saveit_backup.pipeline.crypto import Keyring, b64d, b64e
-from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode, encode
+from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode, decode_reader, encode
 from saveit_backup.repo import layout
 from saveit_backup.storage.base import Storage, read_all
 
@@ -147,6 +148,10 @@ class Repository:
 
     def read_object(self, key: str) -> Iterator[bytes]:
         return decode(self.storage.open(key), self.keyring, what=key)
+
+    def object_reader(self, key: str) -> io.RawIOBase:
+        """The plain bytes of an object as a raw file (``envelope.decode_reader``: the caller checks the size)."""
+        return decode_reader(self.storage.open(key), self.keyring, what=key)
 
     # --- manifests -------------------------------------------------------------------
     def commit(self, manifest: Manifest) -> None:

@@ -1,0 +1,111 @@
+"""Write restored files with O_DIRECT: from two reused buffers to the disk, around the page cache.
+
+Why: through the page cache, every restored byte is copied into newly allocated cache pages, and in a
+virtual machine that hands freed memory back to its host, touching new pages costs the most CPU of a
+restore (2 to 4 s of system time for 1.8 GB here, varying with the host).  Direct writes leave the
+cache alone, and the data is on the disk when the restore ends (pgBackRest fsyncs every file for that).
+
+Contract of ``DirectFiles``:
+* ``open(path)`` creates (or truncates) ``path`` for direct writes, mode 0600; ``None`` where the file
+  system refuses O_DIRECT (the caller writes through the cache then, and so do later calls).
+* ``write(fd, readinto, update)`` fills buffers with ``readinto`` (a raw file's: 0 at the end; a zstd
+  reader decompresses straight into them), passes each filled piece to ``update`` (the digest), writes
+  it, and returns the byte count.  Each calling thread owns two page-aligned buffers of
+  ``BUFFER_SIZE``: one fills while a helper thread writes the other, so decompressing and writing
+  overlap.  The last, partial block is written padded with zeros, then the file is cut to its size.
+  A write the device refuses as misaligned (EINVAL) is retried through the cache: O_DIRECT is cleared
+  on that descriptor and not used again.
+* ``close()`` ends the helper threads; the buffers go with their threads' data.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+BUFFER_SIZE = 4 << 20
+ALIGN = 4096  # covers devices of 512- and 4096-byte logical blocks; buffers are page-aligned (mmap)
+
+class _Buffers:
+    """One thread's pair of buffers and the helper thread that writes them."""
+
+    def __init__(self) -> None:
+        self.views = (memoryview(mmap.mmap(-1, BUFFER_SIZE)), memoryview(mmap.mmap(-1, BUFFER_SIZE)))
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="direct-io")
+
+
+class DirectFiles:
+    def __init__(self) -> None:
+        self.supported = hasattr(os, "O_DIRECT")
+        self._local = threading.local()
+        self._all: list[_Buffers] = []
+        self._lock = threading.Lock()
+
+    def open(self, path: str) -> int | None:
+        if not self.supported:
+            return None
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.supported = False
+            return None
+
+    def write(self, fd: int, readinto: Callable[[memoryview], int], update: Callable[[memoryview], object]) -> int:
+        bufs = self._buffers()
+        cur, fill, size = 0, 0, 0
+        pending: Future[None] | None = None
+        try:
+            while n := readinto(bufs.views[cur][fill:]):
+                update(bufs.views[cur][fill : fill + n])
+                fill += n
+                size += n
+                if fill == BUFFER_SIZE:
+                    if pending is not None:
+                        pending.result()
+                    pending = bufs.io.submit(self._write_all, fd, bufs.views[cur])
+                    cur, fill = cur ^ 1, 0
+        except BaseException:  # the helper never writes to a descriptor the caller closes (and the system reuses)
+            if pending is not None:
+                pending.exception()  # waits; the first error is the one raised
+            raise
+        if pending is not None:
+            pending.result()
+        if fill:
+            padded = -(-fill // ALIGN) * ALIGN
+            bufs.views[cur][fill:padded] = bytes(padded - fill)
+            self._write_all(fd, bufs.views[cur][:padded])
+            if padded != fill:
+                os.ftruncate(fd, size)
+        return size
+
+    def close(self) -> None:
+        with self._lock:
+            for bufs in self._all:
+                bufs.io.shutdown()
+            self._all.clear()
+
+    def _buffers(self) -> _Buffers:
+        bufs: _Buffers | None = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = _Buffers()
+            with self._lock:
+                self._all.append(bufs)
+        return bufs
+
+    def _write_all(self, fd: int, view: memoryview) -> None:
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except OSError as exc:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if exc.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                    raise
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                self.supported = False

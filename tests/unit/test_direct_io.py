@@ -1,0 +1,155 @@
+"""pipeline/direct_io: restored files written with O_DIRECT, and the fall-backs to the page cache."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from saveit_backup.pipeline import direct_io
+from saveit_backup.pipeline.compress import ChunkReader
+from saveit_backup.pipeline.direct_io import DirectFiles
+
+BUF = 64 << 10
+
+
+@pytest.fixture(autouse=True)
+def small_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(direct_io, "BUFFER_SIZE", BUF)
+
+
+def _open(files: DirectFiles, path: Path) -> int:
+    fd = files.open(str(path))
+    if fd is None:
+        pytest.skip(f"the file system of {path} refuses O_DIRECT")
+    return fd
+
+
+def _write(files: DirectFiles, path: Path, chunks: list[Any]) -> tuple[int, bytes]:
+    """Write ``chunks``; returns the size and the bytes ``update`` saw."""
+    seen = bytearray()
+    fd = _open(files, path)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        size = files.write(fd, ChunkReader(chunks).readinto, seen.extend)
+    finally:
+        os.close(fd)
+    return size, bytes(seen)
+
+
+def _pieces(data: bytes, sizes: list[int]) -> list[Any]:
+    out: list[Any] = []
+    at = 0
+    for i, n in enumerate(sizes):
+        piece = data[at : at + n]
+        out.append(memoryview(piece) if i % 2 else piece)
+        at += n
+    return out
+
+
+@pytest.mark.parametrize("sizes", [
+    [],  # an empty file
+    [1],  # one byte: a padded block, cut back
+    [4095], [4096], [4097],
+    [BUF], [BUF + 1], [BUF - 1, 1],  # a full buffer, one byte over, filled by two chunks
+    [3 * BUF],  # one chunk spanning three buffers
+    [7, BUF - 3, 4096 * 3 + 5, BUF * 2, 11],  # chunks across buffer boundaries, odd tail
+])
+def test_writes_exact_bytes(tmp_path: Path, sizes: list[int]) -> None:
+    data = random.Random(len(sizes)).randbytes(sum(sizes))
+    files = DirectFiles()
+    try:
+        size, seen = _write(files, tmp_path / "f", _pieces(data, sizes))
+    finally:
+        files.close()
+    assert size == len(data) and seen == data
+    assert (tmp_path / "f").read_bytes() == data
+    assert files.supported
+
+
+def test_one_writer_serves_several_threads_and_files(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    blobs = [random.Random(i).randbytes(BUF * 2 + 100 * i) for i in range(6)]
+    files = DirectFiles()
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda i: _write(files, tmp_path / str(i), [blobs[i]]), range(6)))
+    finally:
+        files.close()
+    assert [(tmp_path / str(i)).read_bytes() == blobs[i] for i in range(6)] == [True] * 6
+
+
+def test_refused_at_open_falls_back_for_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real_open = os.open
+
+    def no_direct(path: str, flags: int, mode: int = 0o777) -> int:
+        calls.append(flags)
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(direct_io.os, "open", no_direct)
+    files = DirectFiles()
+    assert files.open(str(tmp_path / "a")) is None and not files.supported
+    assert files.open(str(tmp_path / "b")) is None
+    assert len(calls) == 1  # not tried again
+
+
+def test_refused_write_goes_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+
+    def misaligned(fd: int, data: Any) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_io.os, "write", misaligned)
+    data = random.Random(1).randbytes(BUF * 2 + 10)
+    files = DirectFiles()
+    try:
+        fd = _open(files, tmp_path / "f")
+        try:
+            assert files.write(fd, ChunkReader([data]).readinto, lambda c: None) == len(data)
+            assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        finally:
+            os.close(fd)
+    finally:
+        files.close()
+    assert (tmp_path / "f").read_bytes() == data and not files.supported
+
+
+def test_errors_reach_the_caller_after_the_helper_is_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_source() -> Iterator[bytes]:
+        yield bytes(BUF)  # a full buffer: handed to the helper thread
+        raise ValueError("corrupt object")
+
+    files = DirectFiles()
+    try:
+        fd = _open(files, tmp_path / "f")
+        try:
+            with pytest.raises(ValueError, match="corrupt object"):
+                files.write(fd, ChunkReader(failing_source()).readinto, lambda c: None)
+        finally:
+            os.close(fd)
+
+        def full(fd: int, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(direct_io.os, "write", full)
+        fd = _open(files, tmp_path / "g")
+        try:
+            with pytest.raises(OSError, match="No space left"):
+                files.write(fd, ChunkReader([bytes(BUF * 3)]).readinto, lambda c: None)
+        finally:
+            os.close(fd)
+    finally:
+        files.close()
+    assert files.supported  # ENOSPC is no reason to stop writing directly

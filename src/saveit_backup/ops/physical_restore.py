@@ -5,7 +5,8 @@ ends before the target, ``domain/pitr.choose_backup``); files of a diff/incr cha
 one pass each, base and block deltas stream-merged (``ops/incremental.py``); a remote-mode chain is
 rebuilt in one pass over its tars, newest first (``ops/native_combine.py``); check the target
 directory (empty, or ``--force``; never a running server's); restore files in parallel from their
-objects (packs are sliced, every file's digest is checked against the manifest), re-create
+objects, costliest first (packs are sliced, every file's digest is checked against the manifest;
+files of ``DIRECT_MIN`` and more are written with O_DIRECT, so they are on disk at the end), re-create
 directories, tablespace links (to the original location, or ``<target>.tblspc/<oid>`` when that is
 not empty) and the backup's own WAL in ``pg_wal``; write ``backup_label``/``tablespace_map``,
 ``recovery.signal`` and the recovery settings in ``postgresql.auto.conf``. ``restore_command`` calls

@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,17 +133,28 @@ def test_errors_reach_the_caller_after_the_helper_is_done(tmp_path: Path, monkey
         raise ValueError("corrupt object")
 
     files = DirectFiles()
+    finished: list[int] = []
+    real_write_all = files._write_all
+
+    def slow_write_all(fd: int, view: memoryview) -> None:
+        time.sleep(0.3)
+        real_write_all(fd, view)
+        finished.append(len(view))
+
+    files._write_all = slow_write_all  # type: ignore[method-assign]
     try:
         fd = _open(files, tmp_path / "f")
         try:
             with pytest.raises(ValueError, match="corrupt object"):
                 files.write(fd, ChunkReader(failing_source()).readinto, lambda c: None)
+            assert finished == [BUF]  # the helper was done before the caller could close its descriptor
         finally:
             os.close(fd)
 
         def full(fd: int, data: Any) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
+        files._write_all = real_write_all  # type: ignore[method-assign]
         monkeypatch.setattr(direct_io.os, "write", full)
         fd = _open(files, tmp_path / "g")
         try:

@@ -1,12 +1,23 @@
-"""Order in which a physical restore hands objects to its threads."""
+"""Physical restore: the order objects go to the threads, and a file written from its own object."""
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import blake3
 import pytest
 
+from saveit_backup.errors import IntegrityError, NotFound
+from saveit_backup.ops import physical_restore
 from saveit_backup.ops.physical_restore import FILE_COST_BYTES, _costliest_first
+from saveit_backup.pipeline import direct_io
+from saveit_backup.pipeline.envelope import EncodeOptions
+from saveit_backup.repo import layout
+from saveit_backup.repo.repository import Repository
+from saveit_backup.storage.memory import MemoryStorage
 
 MiB = 1 << 20
 
@@ -27,3 +38,64 @@ def _obj(name: str, *sizes: int) -> tuple[tuple[str, str], list[dict[str, Any]]]
 ])
 def test_costliest_objects_start_first(objects: list[Any], expected: list[str]) -> None:
     assert [name for (_, name), _ in sorted(objects, key=_costliest_first)] == expected
+
+
+# --- Writer.restore_object: a file stored alone, written directly or through the page cache ---------------------
+SMALL = 64 << 10
+DATA = random.Random(3).randbytes(3 * SMALL + 100) + bytes(SMALL)  # odd tail; a compressible end
+
+
+@pytest.fixture()
+def small_direct(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(direct_io, "BUFFER_SIZE", SMALL)
+    monkeypatch.setattr(physical_restore, "DIRECT_MIN", SMALL)
+
+
+def _restore(target: Path, stored: bytes | None = DATA, codec: str = "zstd", recorded: bytes = DATA,
+             refuse_direct: bool = False, cut: int = 0) -> list[int]:
+    """Restore one file from its object (its last ``cut`` stored bytes lost); returns the sizes ``DirectFiles.write`` wrote."""
+    repo = Repository(MemoryStorage())
+    repo.init()
+    key = layout.object_key("B1", "f000001")
+    if stored is not None:
+        repo.put_object(key, [stored[i : i + 50_000] for i in range(0, len(stored), 50_000)], EncodeOptions(codec=codec))
+    if cut:
+        whole = b"".join(repo.storage.open(key))
+        repo.storage.delete(key)
+        repo.storage.put(key, whole[:-cut])
+    writer = physical_restore.Writer(repo, SimpleNamespace(id="B1", physical={}), target, {}, False)  # type: ignore[arg-type]
+    if refuse_direct:
+        writer.direct.supported = False
+    written: list[int] = []
+    real_write = writer.direct.write
+    writer.direct.write = lambda fd, readinto, update: written.append(real_write(fd, readinto, update)) or written[-1]  # type: ignore[method-assign]
+    entry = {"path": "base/1/16384", "size": len(recorded), "offset": 0, "mode": 0o640, "mtime": 1_700_000_000,
+             "digest": "blake3:" + blake3.blake3(recorded).hexdigest()}
+    (target / "base/1").mkdir(parents=True, exist_ok=True)
+    try:
+        assert writer.restore_object("f000001", [entry], "B1") == len(recorded)
+    finally:
+        writer.direct.close()
+    return written
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])
+@pytest.mark.parametrize("refuse_direct", [False, True])
+def test_a_file_alone_in_its_object_is_restored_exactly(tmp_path: Path, small_direct: None, codec: str, refuse_direct: bool) -> None:
+    written = _restore(tmp_path, codec=codec, refuse_direct=refuse_direct)
+    restored = tmp_path / "base/1/16384"
+    assert restored.read_bytes() == DATA
+    assert restored.stat().st_mode & 0o777 == 0o640 and restored.stat().st_mtime == 1_700_000_000
+    assert written == ([] if refuse_direct else [len(DATA)])  # O_DIRECT where the file system allows it (ext4 here)
+
+
+def test_a_damaged_or_missing_object_is_refused(tmp_path: Path, small_direct: None) -> None:
+    with pytest.raises(IntegrityError, match="differs from the manifest"):  # a different file than the manifest's
+        _restore(tmp_path, recorded=DATA[:-1] + b"x")
+    with pytest.raises(IntegrityError, match="differs from the manifest"):  # one byte short
+        _restore(tmp_path, stored=DATA[:-1])
+    with pytest.raises(IntegrityError, match="differs from the manifest"):  # the stored stream cut: the reader ends early
+        _restore(tmp_path, cut=30)
+    with pytest.raises(NotFound):
+        _restore(tmp_path / "other", stored=None)
+    assert not (tmp_path / "other/base/1/16384").exists()  # the object is opened before the file is created

@@ -99,7 +99,7 @@ def test_decode_reader_errors_and_closing() -> None:
     from saveit_backup.storage.wrappers import LimitedStorage
 
     stored = b"".join(encode(chunks(PLAIN), EncodeOptions(codec="zstd"), None, Digest()))
-    body_at = len(stored) - len(stored.split(b"}", 1)[1])
+    body_at = 8 + int.from_bytes(stored[4:8], "big")  # magic and version, header length, header
     with decode_reader([stored[: len(stored) - 5000]], None) as cut:  # a cut stream ends early: the caller checks the size
         got = _read_all(cut)
         assert len(got) < len(PLAIN) and PLAIN.startswith(got)
@@ -109,9 +109,12 @@ def test_decode_reader_errors_and_closing() -> None:
         _read_all(bad)
     storage = LimitedStorage(MemoryStorage(), 1)  # one permit: a reader that does not release it blocks the next open
     storage.put("o", stored)
-    for _ in range(3):
-        with decode_reader(storage.open("o"), None) as part:
+    for codec in ("zstd", "lz4", "zstd"):
+        storage.put(codec, b"".join(encode(chunks(PLAIN), EncodeOptions(codec=codec), None, Digest())))
+        with decode_reader(storage.open(codec), None) as part:
             part.readinto(bytearray(10))  # left unfinished
+        with decode_reader(storage.open(codec), None):
+            pass  # never read
     storage.put("e", b"".join(encode(chunks(PLAIN), EncodeOptions(encrypt=True), Keyring(passphrase="k"), Digest())))
     with pytest.raises(DecryptionError):  # a wrong key fails at once, and releases the permit
         decode_reader(storage.open("e"), Keyring(passphrase="wrong"))

@@ -6,7 +6,7 @@ one pass each, base and block deltas stream-merged (``ops/incremental.py``); a r
 rebuilt in one pass over its tars, newest first (``ops/native_combine.py``); check the target
 directory (empty, or ``--force``; never a running server's); restore files in parallel from their
 objects, costliest first (packs are sliced, every file's digest is checked against the manifest;
-files of ``DIRECT_MIN`` and more are written with O_DIRECT, so they are on disk at the end), re-create
+files of ``DIRECT_MIN`` and more are written with O_DIRECT: no dirty pages left at the end), re-create
 directories, tablespace links (to the original location, or ``<target>.tblspc/<oid>`` when that is
 not empty) and the backup's own WAL in ``pg_wal``; write ``backup_label``/``tablespace_map``,
 ``recovery.signal`` and the recovery settings in ``postgresql.auto.conf``. ``restore_command`` calls
@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -65,6 +66,7 @@ START_TIMEOUT = 3600.0
 # a big file's MiB about 1 ms; on a fresh file system a file takes about 0.05 ms.
 FILE_COST_BYTES = 256 << 10
 DIRECT_MIN = BUFFER_SIZE  # smaller files go through the page cache: one padded direct write overlaps nothing
+READ_PIECE = 1 << 20
 
 
 @dataclass
@@ -280,14 +282,19 @@ class Writer:
 
     def _write_object(self, entry: dict[str, Any], key: str) -> None:
         """A file stored alone in its object: written directly from the decompressor's buffers when big
-        enough and the file system allows it (``pipeline/direct_io.py``), else through ``_write``."""
-        fd = self.direct.open(str(self.dest(entry["path"]))) if int(entry["size"]) >= DIRECT_MIN else None
-        if fd is None:
+        enough and the file system allows it (``pipeline/direct_io.py``), else through ``_write``.  The
+        object is opened (its header read, its key unwrapped) before the file is created."""
+        if int(entry["size"]) < DIRECT_MIN or not self.direct.supported:
             self._write(entry, self.repo.read_object(key))
             return
         h = digests.like(digests.recorded(entry))
-        with open(fd, "wb") as out, self.repo.object_reader(key) as plain:
-            self._finish(out, entry, self.direct.write(fd, plain.readinto, h.update), h)
+        with self.repo.object_reader(key) as plain:
+            fd = self.direct.open(str(self.dest(entry["path"])))
+            if fd is None:  # refused: through the page cache
+                self._write(entry, iter(partial(plain.read, READ_PIECE), b""))
+                return
+            with open(fd, "wb") as out:
+                self._finish(out, entry, self.direct.write(fd, plain.readinto, h.update), h)
 
     def _finish(self, out: BinaryIO, entry: dict[str, Any], size: int, h: digests.Hasher) -> None:
         """Check a written file against the manifest, then set its mode and times."""

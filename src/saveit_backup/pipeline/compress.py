@@ -254,37 +254,64 @@ def decompress_stream(chunks: Iterable[bytes], codec: str, zstd_framed: bool = F
 
 
 class ChunkReader(io.RawIOBase):
-    """A raw file object over an iterator of byte chunks; closing it closes the iterator and ``source``
-    (what the chunks are made from: a storage stream may hold a concurrency permit until closed)."""
+    """A raw file object over an iterator of byte chunks; closing it closes the iterator and ``sources``
+    (what the chunks are made from: a storage stream may hold a concurrency permit until closed),
+    whether or not anything was read."""
 
-    def __init__(self, chunks: Iterable[bytes | memoryview], source: Iterable[bytes] | None = None) -> None:
+    def __init__(self, chunks: Iterable[bytes | memoryview], *sources: object) -> None:
         self._chunks = chunks
-        self._source = source
+        self._sources = sources
         self._it = iter(chunks)
         self._view = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: Any) -> int:
+    def _current(self) -> memoryview:
+        """The unread rest of the current chunk; empty at the end."""
         while not self._view:
             try:
                 self._view = memoryview(next(self._it)).cast("B")
             except StopIteration:
-                return 0
-        n = min(memoryview(b).nbytes, self._view.nbytes)
-        b[:n] = self._view[:n]
-        self._view = self._view[n:]
+                break
+        return self._view
+
+    def readinto(self, b: Any) -> int:
+        view = self._current()
+        with memoryview(b) as target, target.cast("B") as out:
+            n = min(out.nbytes, view.nbytes)
+            out[:n] = view[:n]
+        self._view = view[n:]
         return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        """At most ``size`` bytes of the current chunk: a whole chunk is returned without a copy."""
+        if size is None or size < 0:
+            return self.readall()
+        view = self._current()
+        n = min(size, view.nbytes)
+        obj = view.obj
+        out = obj if isinstance(obj, bytes) and n == len(obj) else bytes(view[:n])  # n == len: the whole chunk
+        self._view = view[n:]
+        return out
 
     def close(self) -> None:
         if not self.closed:
             self._view = memoryview(b"")
-            for closing in (self._it, self._chunks, self._source):
-                close = getattr(closing, "close", None)
-                if close is not None:
-                    close()
+            _close_all([self._it, self._chunks, *self._sources])
         super().close()
+
+
+def _close_all(sources: list[object]) -> None:
+    """Close each source that can be closed; every one is tried, the first error is raised."""
+    if not sources:
+        return
+    try:
+        close = getattr(sources[0], "close", None)
+        if close is not None:
+            close()
+    finally:
+        _close_all(sources[1:])
 
 
 class _ZstdReader(io.RawIOBase):
@@ -302,9 +329,11 @@ class _ZstdReader(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
+        import zstandard
+
         try:
             n: int = self._reader.readinto(b)
-        except Exception as exc:  # zstandard raises its own error type
+        except zstandard.ZstdError as exc:  # errors of the layers below (decryption, storage) pass unchanged
             raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
         return n
 
@@ -314,9 +343,11 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
-def decompress_reader(chunks: Iterable[bytes], codec: str, zstd_framed: bool = False) -> io.RawIOBase:
+def decompress_reader(chunks: Iterable[bytes], codec: str, zstd_framed: bool = False,
+                      source: Iterable[bytes] | None = None) -> io.RawIOBase:
     """The plain bytes of ``chunks`` as a raw file object (``readinto``); zstd decompresses straight
-    into the caller's buffer, other codecs go through ``decompress_stream``.  Closing it closes ``chunks``."""
+    into the caller's buffer, other codecs go through ``decompress_stream``.  Closing it closes
+    ``chunks`` and ``source`` (what ``chunks`` are made from)."""
     if codec == "zstd":
-        return _ZstdReader(ChunkReader(chunks))
-    return ChunkReader(decompress_stream(chunks, codec, zstd_framed), source=chunks)
+        return _ZstdReader(ChunkReader(chunks, source))
+    return ChunkReader(decompress_stream(chunks, codec, zstd_framed), chunks, source)

@@ -202,7 +202,7 @@ def decode_reader(chunks: Iterable[bytes], keyring: Keyring | None, what: str = 
     the size it expects.  Closing it closes ``chunks``."""
     try:
         header, body = _open_body(chunks, keyring, what)
-        return decompress_reader(_closing(body, chunks), str(header.get("codec")), bool(header.get("zstd_frame")))
+        return decompress_reader(body, str(header.get("codec")), bool(header.get("zstd_frame")), source=chunks)
     except BaseException:
         _close(chunks)
         raise

@@ -31,7 +31,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,6 +48,7 @@ from saveit_backup.ops.progress import Progress
 from saveit_backup.pg.cluster import free_port
 from saveit_backup.pg.conn import find_tool
 from saveit_backup.pipeline import digests
+from saveit_backup.pipeline.compress import ChunkReader
 from saveit_backup.pipeline.direct_io import BUFFER_SIZE, DirectFiles
 from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
@@ -423,28 +424,6 @@ def _remove_extra(target: Path, files: set[str], dirs: set[str]) -> None:
                 dnames.remove(name)
 
 
-class _ChunkReader(io.RawIOBase):
-    """A file object over an iterator of byte chunks (for tarfile's stream mode)."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._it: Iterator[bytes] = iter(chunks)
-        self._buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self._buf:
-            try:
-                self._buf = next(self._it)
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-
 def archive_chunks(repo: Repository, manifest: Manifest) -> Iterable[bytes]:
     """A remote-mode backup's tar as it streams (decompressed when the server compressed it)."""
     from saveit_backup.pipeline.compress import decompress_stream
@@ -473,7 +452,7 @@ def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: Phys
         extract_archive(repo, manifest, target)
     else:
         native_combine.combine(_check_chain(repo, manifest, {}), target,
-                               lambda m: io.BufferedReader(_ChunkReader(read_ahead(archive_chunks(repo, m), depth=8)), 1 << 20))
+                               lambda m: io.BufferedReader(ChunkReader(read_ahead(archive_chunks(repo, m), depth=8)), 1 << 20))
     files, size = _private_tree(target)
     (target / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
     writer = Writer(repo, manifest, target, {}, False)
@@ -520,7 +499,7 @@ def _private_tree(target: Path) -> tuple[int, int]:
 
 
 def _extract_with_tarfile(chunks: Iterable[bytes], target: Path, backup_id: str) -> None:
-    with tarfile.open(fileobj=io.BufferedReader(_ChunkReader(chunks), 1 << 20), mode="r|") as tar:
+    with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), 1 << 20), mode="r|") as tar:
         for member in tar:
             name = member.name.lstrip("./") if member.name.startswith("./") else member.name
             if not name or name.startswith("/") or ".." in name.split("/"):

@@ -324,16 +324,15 @@ class _ZstdReader(io.RawIOBase):
 
         self._reader = zstandard.ZstdDecompressor().stream_reader(cast("IO[bytes]", source), read_size=DECODE_READ,
                                                                    read_across_frames=True)
+        self._corrupt = zstandard.ZstdError
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
-        import zstandard
-
         try:
             n: int = self._reader.readinto(b)
-        except zstandard.ZstdError as exc:  # errors of the layers below (decryption, storage) pass unchanged
+        except self._corrupt as exc:  # errors of the layers below (decryption, storage) pass unchanged
             raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
         return n
 

@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 BUFFER_SIZE = 4 << 20
 ALIGN = 4096  # covers devices of 512- and 4096-byte logical blocks; buffers are page-aligned (mmap)
 
+
 class _Buffers:
     """One thread's pair of buffers and the helper thread that writes them."""
 

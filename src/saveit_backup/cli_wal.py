@@ -113,7 +113,7 @@ def run_push(args: Args, ctx: Context | None, waited_since: float | None = None)
     from saveit_backup.ops.wal_cache import clean_prefetch
     from saveit_backup.ops.wal_push import open_repo, push_file
 
-    result = push_file(open_repo(settings), args.path)
+    result = push_file(open_repo(settings, serial=True), args.path)
     _info("%s: %s, %d -> %d bytes, %.0f ms", result.name, result.status, result.plain_size, result.stored_size,
              result.seconds * 1000)
     clean_prefetch(os.path.dirname(os.path.abspath(args.path)))

@@ -30,13 +30,17 @@ def s3_options(settings: Settings) -> S3Options:
     )
 
 
-def build_storage(settings: Settings) -> Storage:
+def build_storage(settings: Settings, serial: bool = False) -> Storage:
+    """``serial``: the caller makes one storage call at a time (a sync wal-push): no concurrency limit, whose
+    semaphore would load ``threading`` (about 1 ms of every archive_command here)."""
     from saveit_backup.storage.registry import open_storage
     from saveit_backup.storage.wrappers import LimitedStorage, RetryingStorage
 
     url = settings.repository_url
     s3 = s3_options(settings) if url.startswith("s3://") else None
     inner = open_storage(url, s3)
+    if serial:
+        return RetryingStorage(inner)
     # Enough permits that no worker waits while holding what another needs: a diff/incr backup thread holds
     # its upload and, with page XOR, its reference's base stream (ops/incremental.py).
     return RetryingStorage(LimitedStorage(inner, max(4, settings.jobs * 2)))
@@ -58,12 +62,13 @@ def encode_options(settings: Settings) -> EncodeOptions:
 class Context:
     """What a command needs, built lazily from settings."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, serial: bool = False) -> None:
         self.settings = settings
+        self.serial = serial  # see build_storage
 
     @cached_property
     def storage(self) -> Storage:
-        return build_storage(self.settings)
+        return build_storage(self.settings, self.serial)
 
     @cached_property
     def repo(self) -> Repository:

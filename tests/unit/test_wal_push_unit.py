@@ -308,3 +308,31 @@ def test_wal_fetch_serves_the_prefetch_cache_before_loading_anything(tmp_path: P
     miss = fetch_cli("000000010000000000000043")
     assert miss.returncode not in (0, 1) and "nosuchscheme" in miss.stderr
     assert "saveit_backup.cli_wal" in miss.stderr  # the full wal-fetch ran
+
+
+def test_sync_push_loads_only_the_push_path(tmp_path: Path) -> None:
+    """archive_command runs once per WAL file: a sync push of a new segment into a local repository loads
+    zstd's C backend without its package (platform, typing's share) and no thread, date, logging, dataclass
+    or hashing machinery.  The first push initialises the repository, which may load more."""
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "BACKUP_REPOSITORY": f"file://{tmp_path / 'repo'}"}
+
+    def push_cli(path: Path) -> set[str]:
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "saveit_backup", "wal-push", str(path)], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+
+    push_cli(segment(tmp_path, 9, fill=7))
+    imported = push_cli(segment(tmp_path, 10, fill=3))
+    assert {"saveit_backup.ops.wal_push", "saveit_backup.storage.local"} <= imported  # (the backend is loaded outside the import log)
+    assert not imported & {"zstandard", "platform", "threading", "datetime", "logging", "dataclasses", "hashlib", "argparse",
+                           "saveit_backup.domain.manifest", "saveit_backup.cli"}
+    from saveit_backup.repo.layout import wal_key
+    from saveit_backup.storage.local import LocalStorage
+
+    stored = Repository(LocalStorage(str(tmp_path / "repo")))
+    for name in ("000000010000000000000009", "00000001000000000000000A"):
+        assert b"".join(stored.read_object(wal_key(name))) == (tmp_path / name).read_bytes()

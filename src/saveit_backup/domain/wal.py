@@ -16,9 +16,11 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
-from typing import NamedTuple, TypedDict, overload
+from typing import TYPE_CHECKING, NamedTuple, TypedDict, overload
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 MIN_SEGMENT_SIZE = 1024 * 1024
@@ -568,6 +570,8 @@ def _parse_label_time(text: str) -> datetime | None:
     m = _START_TIME_RE.match(text)
     if not m:
         return None
+    from datetime import UTC, datetime, timedelta, timezone  # here: wal-push's path never parses labels
+
     naive = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")
     zone = m.group(2)
     if zone in ("UTC", "GMT", "Z", "UCT", "Etc/UTC"):

@@ -50,11 +50,12 @@ class PushResult(NamedTuple):
     seconds: float
 
 
-def open_repo(settings: Settings) -> Repository:
-    """The repository for WAL commands; initialised on first push if missing."""
+def open_repo(settings: Settings, serial: bool = False) -> Repository:
+    """The repository for WAL commands; initialised on first push if missing.  ``serial``: see
+    ``compose.build_storage``."""
     from saveit_backup.compose import Context
 
-    repo = Context(settings).repo
+    repo = Context(settings, serial).repo
     repo.ensure(auto_init=True)
     return repo
 

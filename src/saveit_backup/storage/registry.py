@@ -11,8 +11,8 @@ repository never loads obstore.
 
 from __future__ import annotations
 
+import _thread
 import os
-import threading
 from typing import TYPE_CHECKING
 
 from saveit_backup.errors import ConfigError
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from saveit_backup.storage.s3 import S3Options
 
 _memory_stores: dict[str, MemoryStorage] = {}
-_memory_lock = threading.Lock()
+_memory_lock = _thread.allocate_lock()  # threading.Lock itself, without loading threading (wal-push's path)
 
 _NOT_YET = {
     "gs": "Google Cloud Storage",

@@ -8,7 +8,6 @@ inner ``capabilities`` unchanged and keeps the ``Storage`` contract.
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -197,6 +196,8 @@ class LimitedStorage:
         self.inner = inner
         self.capabilities = inner.capabilities
         self.max_concurrency = max_concurrency
+        import threading  # here: a sync wal-push, the one caller without this wrapper, never loads it
+
         self._sem = threading.BoundedSemaphore(max_concurrency)
 
     def put(self, key: str, data: Data, *, if_absent: bool = False) -> None:
@@ -260,6 +261,8 @@ class FaultyStorage:
         self.inner = inner
         self.capabilities = inner.capabilities
         self.calls: Counter[str] = Counter()
+        import threading
+
         self._lock = threading.Lock()
         self._fail: dict[str, list[ErrorFactory]] = {op: [] for op in OPERATIONS}
         self._read_faults: list[tuple[int, ErrorFactory]] = []

@@ -282,8 +282,8 @@ def test_single_threaded_zstd_writes_frames_and_an_end_marker(size: int, chunk: 
 
 
 def test_zstd_frame_header_only_where_frames_are_written() -> None:
-    """The header names the framing; one-frame objects (zstd threads, one-call buffers) and objects written
-    before framing existed decode as one frame."""
+    """The header names the framing; one-frame objects (zstd threads, buffers up to one frame's input) and
+    objects written before framing existed decode as one frame."""
     from saveit_backup.pipeline.compress import compress_stream
 
     big = PLAIN * 4  # several frames
@@ -291,13 +291,39 @@ def test_zstd_frame_header_only_where_frames_are_written() -> None:
     framed = b"".join(encode(chunks(big), EncodeOptions(threads=0), None, Digest()))
     sealed = b"".join(encode(chunks(big, 1 << 20), EncodeOptions(threads=0, encrypt=True), writer, Digest()))
     threaded = b"".join(encode(chunks(big), EncodeOptions(threads=2), None, Digest()))
-    buffered = encode_buffer(big, EncodeOptions(threads=0), None, Digest())
+    small = encode_buffer(PLAIN, EncodeOptions(threads=2), None, Digest())  # up to one frame's input: one frame
     assert describe([framed])["zstd_frame"] == describe([sealed])["zstd_frame"] == 4 << 20
-    assert framed[3] == sealed[3] == 2 and threaded[3] == buffered[3] == 1  # envelope version: older readers refuse 2
-    assert "zstd_frame" not in describe([threaded]) and "zstd_frame" not in describe([buffered])
-    for stored in (framed, threaded, buffered):
-        assert b"".join(decode(chunks(stored, 9999), None)) == big
+    assert framed[3] == sealed[3] == 2 and threaded[3] == small[3] == 1  # envelope version: older readers refuse 2
+    assert "zstd_frame" not in describe([threaded]) and "zstd_frame" not in describe([small])
+    for threads in (0, 1, 2, 5):  # buffers over one frame: the streamed frames, whichever thread compressed each
+        assert encode_buffer(memoryview(big), EncodeOptions(threads=threads), None, Digest()) == framed
+    for stored in (framed, threaded, small):
+        assert b"".join(decode(chunks(stored, 9999), None)) == (PLAIN if stored is small else big)
     assert b"".join(decode(chunks(sealed, 9999), reader)) == big
     old = b"SVB\x01" + len(b'{"cipher":"none","codec":"zstd"}').to_bytes(4, "big") + b'{"cipher":"none","codec":"zstd"}'
     old += b"".join(compress_stream(chunks(PLAIN), "zstd", 3, threads=1))  # one streaming frame, as version 1 wrote
     assert b"".join(decode([old], None)) == PLAIN
+
+
+def test_buffer_frames_compressed_in_threads_hand_errors_to_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame that fails in a helper thread fails the call, after every helper has let go of the input."""
+    from saveit_backup.pipeline import compress
+
+    real = compress._zstd_compressor
+    calls: list[int] = []
+
+    class Failing:
+        def __init__(self) -> None:
+            self.inner = real(1, 0)
+
+        def compress(self, data: memoryview) -> bytes:
+            calls.append(len(data))
+            if len(calls) == 2:
+                raise MemoryError("no room for this frame")
+            return self.inner.compress(data)
+
+    monkeypatch.setattr(compress, "_zstd_compressor", lambda level, threads: Failing())
+    data = bytearray(PLAIN * 6)  # five frames
+    with pytest.raises(MemoryError, match="no room"):
+        compress.compress_buffer(data, "zstd", 1, threads=3)
+    data += b"resizable again: no view of it is left"

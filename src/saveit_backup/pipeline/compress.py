@@ -155,23 +155,79 @@ def _zstd_frames(chunks: Iterable[bytes], level: int) -> Iterator[bytes]:
     yield _END.pack(_END_MAGIC, 8, total)
 
 
-def compress_buffer(data: bytes | bytearray | memoryview, codec: str, level: int | None = None, threads: int = 0) -> bytes:
-    """``data`` compressed in one call: the same stream format as ``compress_stream`` (one frame).
+def buffer_frame_input(codec: str, size: int) -> int:
+    """The header's ``zstd_frame`` for ``compress_buffer`` of ``size`` bytes; 0: one frame."""
+    return ZSTD_FRAME_INPUT if codec == "zstd" and size > ZSTD_FRAME_INPUT else 0
+
+
+def compress_buffer(data: bytes | bytearray | memoryview, codec: str, level: int | None = None, threads: int = 0) -> list[bytes]:
+    """``data`` compressed in one call per frame, as body parts: the stream format of ``compress_stream``;
+    zstd input over one frame is framed (``buffer_frame_input``), frames compressed by up to ``threads`` threads.
 
     For inputs already in memory (WAL segments): zstd then compresses in place instead of copying
     its input into a window buffer, about 20% less CPU than 1 MiB streaming calls (measured here)."""
     lvl = DEFAULT_LEVELS[check_codec(codec)] if level is None else level
     if codec == "none":
-        return bytes(data)
+        return [bytes(data)]
     if codec == "zstd":
-        return _zstd_compressor(lvl, threads).compress(data)
+        if buffer_frame_input(codec, len(data)):
+            with memoryview(data) as view:
+                return [*_zstd_frames_parallel(view, lvl, threads), _END.pack(_END_MAGIC, 8, len(view))]
+        return [_zstd_compressor(lvl, 0).compress(data)]
     if codec == "lz4":
         import lz4.frame
 
         out: bytes = lz4.frame.compress(data, compression_level=lvl)
-        return out
+        return [out]
     gz = zlib.compressobj(lvl, zlib.DEFLATED, 31)
-    return gz.compress(data) + gz.flush()
+    return [gz.compress(data) + gz.flush()]
+
+
+def _zstd_frames_parallel(data: memoryview, level: int, threads: int) -> list[bytes]:
+    """``_zstd_frames``' frames of ``data``, each compressed in one call straight from ``data`` by one of up to
+    ``threads`` threads (this one included), each with a single-threaded compressor.  zstd's own worker
+    threads would first copy the input into their job buffers: on a 16 MiB WAL segment here they touched
+    twice the memory (5,800 page faults against 3,000 per process) and took 35 ms against 26, same size.
+
+    Threads come from ``_thread``: ``threading`` costs about 1 ms of every archive_command to import."""
+    import _thread
+    import itertools
+
+    views = [data[i : i + ZSTD_FRAME_INPUT] for i in range(0, len(data), ZSTD_FRAME_INPUT)]
+    frames = [b""] * len(views)
+    claim = itertools.count()  # next() is atomic: each frame is taken once
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            zc = _zstd_compressor(level, 0)
+            while not errors and (i := next(claim)) < len(views):
+                frames[i] = zc.compress(views[i])
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+
+    def helper(done: _thread.LockType) -> None:
+        try:
+            work()
+        finally:
+            done.release()
+
+    helpers = []
+    try:
+        for _ in range(min(threads, len(views)) - 1):
+            done = _thread.allocate_lock()
+            done.acquire()
+            _thread.start_new_thread(helper, (done,))
+            helpers.append(done)
+        work()
+    finally:
+        for done in helpers:  # every helper has finished with ``data`` before the caller may release it
+            done.acquire()
+        for view in views:
+            view.release()
+    if errors:
+        raise errors[0]
+    return frames
 
 
 def _pieces(out: bytes) -> Iterator[bytes]:

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from saveit_backup.errors import EncryptionConfigError, IntegrityError, RepositoryFormatError
 from saveit_backup.pipeline import digests
 from saveit_backup.pipeline.compress import (
+    buffer_frame_input,
     check_codec,
     compress_buffer,
     compress_stream,
@@ -124,15 +125,13 @@ def encode(chunks: Iterable[bytes], options: EncodeOptions, keyring: Keyring | N
 
 def encode_buffer(data: bytes | bytearray | memoryview, options: EncodeOptions, keyring: Keyring | None, digest: Digest,
                   plain_digest: str | None = None) -> bytes:
-    """``encode`` of bytes already in memory, compressed in one call; the same object format."""
-    head, header_bytes, data_key = _start(options, keyring, digest, plain_digest)
+    """``encode`` of bytes already in memory, compressed in one call per frame (``compress_buffer``); the same object format."""
+    head, header_bytes, data_key = _start(options, keyring, digest, plain_digest, buffer_frame_input(options.codec, len(data)))
     if options.hash and not plain_digest:
         digest.plain_digest = digests.of_bytes(data)
     digest.plain_size = len(data)
     body = compress_buffer(data, options.codec, options.level, options.threads)
-    parts = [head]
-    parts += encrypt_frames((body,), data_key, header_bytes) if options.encrypt else [body]
-    out = b"".join(parts)
+    out = b"".join([head, *(encrypt_frames(body, data_key, header_bytes) if options.encrypt else body)])
     digest.stored_size = len(out)
     return out
 

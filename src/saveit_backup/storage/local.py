@@ -53,8 +53,11 @@ class LocalStorage:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 with os.fdopen(fd, "wb", closefd=True) as out:
-                    for chunk in iter_chunks(data):
-                        out.write(chunk)
+                    if isinstance(data, (bytes, bytearray, memoryview)):
+                        out.write(data)  # bigger than the buffer: written as it is, no copy in chunks
+                    else:
+                        for chunk in iter_chunks(data):
+                            out.write(chunk)
                     out.flush()
                     os.fsync(out.fileno())
                 if if_absent:

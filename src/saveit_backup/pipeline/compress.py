@@ -403,7 +403,6 @@ class _ZstdReader(io.RawIOBase):
     def __init__(self, source: ChunkReader) -> None:
         self._reader = zstandard.ZstdDecompressor().stream_reader(cast("IO[bytes]", source), read_size=DECODE_READ,
                                                                    read_across_frames=True)
-        self._corrupt = zstandard.ZstdError
 
     def readable(self) -> bool:
         return True
@@ -411,7 +410,7 @@ class _ZstdReader(io.RawIOBase):
     def readinto(self, b: Any) -> int:
         try:
             n: int = self._reader.readinto(b)
-        except self._corrupt as exc:  # errors of the layers below (decryption, storage) pass unchanged
+        except zstandard.ZstdError as exc:  # errors of the layers below (decryption, storage) pass unchanged
             raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
         return n
 

@@ -47,10 +47,16 @@ def build_storage(settings: Settings, serial: bool = False) -> Storage:
 
 
 def build_keyring(settings: Settings) -> Keyring:
+    cache_dir = None
+    if settings.encryption_passphrase:  # kek_cache loads hashlib: only then (wal-push's start)
+        from saveit_backup.pipeline import kek_cache
+
+        cache_dir = kek_cache.resolve(settings.key_cache_dir)
     return Keyring(
         passphrase=settings.encryption_passphrase or None,
         recipients=[parse_public_key(k) for k in settings.encryption_recipients],
         identities=[Identity.load(settings.encryption_identity)] if settings.encryption_identity else [],
+        kek_cache_dir=cache_dir,
     )
 
 

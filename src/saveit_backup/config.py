@@ -45,6 +45,8 @@ FIELDS: tuple[Field, ...] = (
     _f("environment", "BACKUP_ENVIRONMENT", str, "", "environment label stored in every backup (prod, staging...)"),
     _f("encryption_passphrase", "BACKUP_ENCRYPTION_PASSPHRASE", str, "", "passphrase for client-side encryption", secret=True),
     _f("encryption_recipients", "BACKUP_ENCRYPTION_RECIPIENTS", list, [], "public keys (saveit-pub-...) to encrypt for"),
+    _f("key_cache_dir", "BACKUP_KEY_CACHE_DIR", str, "", "where passphrase-derived keys are kept between processes (default"
+       " /dev/shm/saveit-backup-UID, memory only; off: derived by every process)"),
     _f("encryption_identity", "BACKUP_ENCRYPTION_IDENTITY", str, "", "private key file for reading recipient-encrypted backups"),
     _f("compression", "BACKUP_COMPRESSION", str, "zstd", "zstd, lz4, gzip or none"),
     _f("compression_level", "BACKUP_COMPRESSION_LEVEL", int, -1, "codec level (-1: the codec's default)"),

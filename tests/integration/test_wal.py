@@ -195,6 +195,41 @@ def test_wal_fetch(synced: tuple[Cluster, Path, list[str]], tmp_path: Path) -> N
     assert not [n for n in os.listdir(pg_wal) if n.endswith(".tmp-saveit")]
 
 
+def test_encrypted_sync_push_derives_the_key_once_per_host(synced: tuple[Cluster, Path, list[str]], tmp_path: Path) -> None:
+    """The second wal-push into a passphrase repository reads the KEK the first one cached, instead
+    of running scrypt (made to fail in that process); what it wrote decrypts with a derived KEK."""
+    cluster, _, done = synced
+    segments = [cluster.datadir / "pg_wal" / n for n in done if len(n) == 24][:3]
+    keys = tmp_path / "keys"
+    env = _env(BACKUP_REPOSITORY=f"file://{tmp_path / 'repo'}", BACKUP_ENCRYPTION_PASSPHRASE="correct horse",
+               BACKUP_KEY_CACHE_DIR=str(keys))
+    no_scrypt = tmp_path / "no_scrypt"
+    no_scrypt.mkdir()
+    (no_scrypt / "sitecustomize.py").write_text(
+        "import hashlib\n\ndef _refuse(*args, **kwargs):\n    raise RuntimeError('scrypt ran')\n\nhashlib.scrypt = _refuse\n")
+    faulty = {**env, "PYTHONPATH": str(no_scrypt)}
+
+    res = cli("wal-push", str(segments[0]), env=env)
+    assert res.returncode == 0, res.stderr
+    (entry,) = keys.iterdir()
+    assert keys.stat().st_mode & 0o777 == 0o700 and entry.stat().st_mode & 0o777 == 0o600
+    res = cli("wal-push", str(segments[1]), env=faulty)
+    assert res.returncode == 0, res.stderr
+    res = cli("wal-push", str(segments[2]), env={**faulty, "BACKUP_KEY_CACHE_DIR": "off"})  # the fault is real
+    assert res.returncode != 0 and "scrypt ran" in res.stderr, res.stderr
+    res = cli("wal-push", str(segments[2]), env={**faulty, "BACKUP_ENCRYPTION_PASSPHRASE": "wrong horse"})
+    assert res.returncode != 0 and "scrypt ran" in res.stderr, res.stderr  # another passphrase: not from the cache
+
+    for seg in segments[:2]:
+        dest = tmp_path / "RECOVERYXLOG"
+        res = cli("wal-fetch", seg.name, str(dest), "--prefetch", "0", env={**env, "BACKUP_KEY_CACHE_DIR": "off"})
+        assert res.returncode == 0, res.stderr
+        assert dest.read_bytes() == seg.read_bytes()
+    res = cli("wal-fetch", segments[1].name, str(tmp_path / "x"), "--prefetch", "0",
+              env={**env, "BACKUP_ENCRYPTION_PASSPHRASE": "wrong horse"})
+    assert res.returncode == 10 and "SVB-" in res.stderr, res.stderr
+
+
 # --- async ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("client", ["saveit-backup", "saveit-wal-push"])
 def test_async_archive_stores_exact_segments(tmp_path: Path, client: str) -> None:

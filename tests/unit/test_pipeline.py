@@ -11,7 +11,16 @@ import blake3
 import pytest
 
 from saveit_backup.errors import DecryptionError, IntegrityError, RepositoryFormatError
-from saveit_backup.pipeline.crypto import FRAME_SIZE, Identity, Keyring, decrypt_frames, encrypt_frames, generate_identity, parse_public_key
+from saveit_backup.pipeline.crypto import (
+    FRAME_SIZE,
+    Identity,
+    Keyring,
+    decrypt_frames,
+    encrypt_buffer,
+    encrypt_frames,
+    generate_identity,
+    parse_public_key,
+)
 from saveit_backup.pipeline.envelope import Digest, EncodeOptions, decode, decode_reader, describe, encode, encode_buffer
 from saveit_backup.pipeline.threads import read_ahead
 
@@ -126,6 +135,7 @@ def test_decode_reader_errors_and_closing() -> None:
 def test_frames_detect_truncation_at_any_boundary(size: int) -> None:
     key, plain = os.urandom(32), os.urandom(size)
     sealed = b"".join(encrypt_frames([plain], key, b"hdr"))
+    assert b"".join(encrypt_buffer(memoryview(plain), key, b"hdr")) == sealed  # the in-memory path seals the same frames
     assert b"".join(decrypt_frames(iter([sealed]), key, b"hdr", "x")) == plain
     for cut in {1, 16, FRAME_SIZE + 16}:
         if cut < len(sealed):

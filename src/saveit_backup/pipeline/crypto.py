@@ -11,7 +11,7 @@ tells the final frame by its length.
 The data key is wrapped once per key slot:
 
 * ``passphrase``: KEK = scrypt(passphrase, salt, n, r, p) (parameters in the
-  slot; derived once per process and cached);
+  slot; derived once per process, and kept between processes by ``kek_cache``);
 * ``x25519``: KEK = HKDF-SHA256(X25519(ephemeral, recipient), salt =
   ephemeral_pub || recipient_pub), so a host holding only public keys can
   write backups it cannot read.
@@ -53,10 +53,18 @@ def _aesgcm(key: bytes) -> Any:
 
 
 @lru_cache(maxsize=8)
-def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    import hashlib  # hashlib loads OpenSSL: kept off wal-push's path for unencrypted repositories
+def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int, cache_dir: str | None = None) -> bytes:
+    """The KEK of a passphrase slot; ``cache_dir``: see ``kek_cache`` (None: not cached between processes)."""
+    from saveit_backup.pipeline import kek_cache
 
-    return hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, maxmem=256 << 20, dklen=32)
+    kek = kek_cache.load(cache_dir, passphrase, salt, n, r, p) if cache_dir else None
+    if kek is None:
+        import hashlib  # loads OpenSSL (3 ms): only when deriving
+
+        kek = hashlib.scrypt(passphrase.encode(), salt=salt, n=n, r=r, p=p, maxmem=256 << 20, dklen=32)
+        if cache_dir:
+            kek_cache.store(cache_dir, passphrase, salt, n, r, p, kek)
+    return kek
 
 
 # --- keys -----------------------------------------------------------------------
@@ -120,11 +128,13 @@ class Keyring:
     """The keys this process holds: what it may write with and read with."""
 
     def __init__(self, passphrase: str | None = None, recipients: list[bytes] | None = None,
-                 identities: list[Identity] | None = None, scrypt_salt: bytes | None = None) -> None:
+                 identities: list[Identity] | None = None, scrypt_salt: bytes | None = None,
+                 kek_cache_dir: str | None = None) -> None:
         self.passphrase = passphrase
         self.recipients = recipients or []  # X25519 public keys
         self.identities = identities or []
         self.scrypt_salt = scrypt_salt  # repository-wide salt: one scrypt per process
+        self.kek_cache_dir = kek_cache_dir  # and, cached there, one per host (kek_cache)
 
     def __repr__(self) -> str:  # never the secrets
         return f"Keyring({self.describe()}, {len(self.identities)} identities)"
@@ -146,23 +156,18 @@ class Keyring:
         return " + ".join(parts) or "none"
 
     def wrap(self, data_key: bytes) -> list[dict[str, Any]]:
-        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
         slots: list[dict[str, Any]] = []
         if self.passphrase:
             salt = self.scrypt_salt or os.urandom(16)
             p = SCRYPT_PARAMS
-            kek = _scrypt(self.passphrase, salt, p["n"], p["r"], p["p"])
+            kek = _scrypt(self.passphrase, salt, p["n"], p["r"], p["p"], self.kek_cache_dir)
             nonce = os.urandom(12)
             slots.append(
                 {"type": "passphrase", "kdf": "scrypt", "salt": b64e(salt), **p, "nonce": b64e(nonce),
                  "wrapped": b64e(_aesgcm(kek).encrypt(nonce, data_key, _SLOT_AAD))}
             )
         for recipient in self.recipients:
-            eph = X25519PrivateKey.generate()
-            eph_pub = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-            kek = _x25519_kek(eph.exchange(X25519PublicKey.from_public_bytes(recipient)), eph_pub, recipient)
+            eph_pub, kek = _x25519_send(recipient)
             nonce = os.urandom(12)
             slots.append(
                 {"type": "x25519", "recipient": fingerprint(recipient), "epk": b64e(eph_pub), "nonce": b64e(nonce),
@@ -172,7 +177,6 @@ class Keyring:
 
     def unwrap(self, slots: list[dict[str, Any]], what: str) -> bytes:
         from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
         tried = []
         for slot in slots:
@@ -181,18 +185,14 @@ class Keyring:
                     tried.append("passphrase")
                     if slot.get("kdf") != "scrypt":
                         raise IntegrityError(f"{what}: unsupported key derivation {slot.get('kdf')!r}")
-                    kek = _scrypt(self.passphrase, b64d(slot["salt"]), int(slot["n"]), int(slot["r"]), int(slot["p"]))
+                    kek = _scrypt(self.passphrase, b64d(slot["salt"]), int(slot["n"]), int(slot["r"]), int(slot["p"]),
+                                  self.kek_cache_dir)
                 elif slot["type"] == "x25519":
                     match = [i for i in self.identities if fingerprint(i.public) == slot["recipient"]]
                     if not match:
                         continue
                     tried.append(f"identity {slot['recipient']}")
-                    ident = match[0]
-                    eph_pub = b64d(slot["epk"])
-                    shared = X25519PrivateKey.from_private_bytes(ident.secret).exchange(
-                        X25519PublicKey.from_public_bytes(eph_pub)
-                    )
-                    kek = _x25519_kek(shared, eph_pub, ident.public)
+                    kek = _x25519_receive(match[0], b64d(slot["epk"]))
                 else:
                     continue
                 key: bytes = _aesgcm(kek).decrypt(b64d(slot["nonce"]), b64d(slot["wrapped"]), _SLOT_AAD)
@@ -204,6 +204,26 @@ class Keyring:
             raise DecryptionError(
                 f"{what}: the configured key ({', '.join(tried)}) does not open this object (encrypted for {', '.join(kinds)})")
         raise DecryptionError(f"{what} is encrypted (for {', '.join(kinds)}) but no matching key is configured")
+
+
+# The X25519 and serialization modules cost about 20 ms to import: loaded only for recipient slots
+# (a passphrase-only wal-push never needs them).
+def _x25519_send(recipient: bytes) -> tuple[bytes, bytes]:
+    """(ephemeral public key, KEK) for a new slot to ``recipient``."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    eph = X25519PrivateKey.generate()
+    eph_pub = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return eph_pub, _x25519_kek(eph.exchange(X25519PublicKey.from_public_bytes(recipient)), eph_pub, recipient)
+
+
+def _x25519_receive(ident: Identity, eph_pub: bytes) -> bytes:
+    """The KEK of a slot made for ``ident`` with the ephemeral public key ``eph_pub``."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    shared = X25519PrivateKey.from_private_bytes(ident.secret).exchange(X25519PublicKey.from_public_bytes(eph_pub))
+    return _x25519_kek(shared, eph_pub, ident.public)
 
 
 def _x25519_kek(shared: bytes, eph_pub: bytes, recipient_pub: bytes) -> bytes:
@@ -235,6 +255,16 @@ def encrypt_frames(chunks: Iterable[bytes], data_key: bytes, aad: bytes, frame_s
         counter += 1
         buf.clear()
     yield aead.encrypt(_nonce(counter, True), bytes(buf), aad)
+
+
+def encrypt_buffer(data: bytes | memoryview, data_key: bytes, aad: bytes, frame_size: int = FRAME_SIZE) -> list[bytes]:
+    """``encrypt_frames`` of bytes already in memory: each frame sealed straight from ``data``, no copies."""
+    aead = _aesgcm(data_key)
+    last = len(data) // frame_size  # the final frame is shorter than a full one: maybe empty
+    with memoryview(data) as view:
+        sealed = [aead.encrypt(_nonce(i, False), view[i * frame_size : (i + 1) * frame_size], aad) for i in range(last)]
+        sealed.append(aead.encrypt(_nonce(last, True), view[last * frame_size :], aad))
+    return sealed
 
 
 def decrypt_frames(chunks: Iterator[bytes], data_key: bytes, aad: bytes, what: str, frame_size: int = FRAME_SIZE) -> Iterator[bytes]:

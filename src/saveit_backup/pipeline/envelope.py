@@ -30,7 +30,7 @@ from saveit_backup.pipeline.compress import (
     decompress_stream,
     zstd_frame_input,
 )
-from saveit_backup.pipeline.crypto import FRAME_SIZE, Keyring, decrypt_frames, encrypt_frames
+from saveit_backup.pipeline.crypto import FRAME_SIZE, Keyring, decrypt_frames, encrypt_buffer, encrypt_frames
 
 MAGIC = b"SVB"
 ENVELOPE_VERSION = 1
@@ -131,7 +131,9 @@ def encode_buffer(data: bytes | bytearray | memoryview, options: EncodeOptions, 
         digest.plain_digest = digests.of_bytes(data)
     digest.plain_size = len(data)
     body = compress_buffer(data, options.codec, options.level, options.threads)
-    out = b"".join([head, *(encrypt_frames(body, data_key, header_bytes) if options.encrypt else body)])
+    if options.encrypt:  # sealed from one buffer: streaming frames through a bytearray costs page faults and copies
+        body = encrypt_buffer(body[0] if len(body) == 1 else b"".join(body), data_key, header_bytes)
+    out = b"".join([head, *body])
     digest.stored_size = len(out)
     return out
 

@@ -157,11 +157,14 @@ class Bench:
     def pgbr(self, *args: str, conf: Path | None = None) -> list[str]:
         return [PGBACKREST, f"--config={conf or self.pgbr_conf}", f"--stanza={STANZA}", *args]
 
-    def write_pgbr_conf(self, path: Path, repo: Path, spool: Path | None = None, pgdata: Path | None = None) -> None:
+    def write_pgbr_conf(self, path: Path, repo: Path, spool: Path | None = None, pgdata: Path | None = None,
+                        encrypted: bool = False) -> None:
         c = self.cluster
         lines = ["[global]", f"repo1-path={repo}", "process-max=2", "compress-type=zst", "compress-level=3", "start-fast=y",
                  "log-level-console=warn", "log-level-file=off", f"lock-path={self.base / 'pgbr-lock'}",
                  f"log-path={self.base / 'pgbr-log'}", "repo1-retention-full=100"]
+        if encrypted:
+            lines += ["repo1-cipher-type=aes-256-cbc", f"repo1-cipher-pass={PASSPHRASE}"]
         if spool:
             lines.append(f"spool-path={spool}")
         lines += [f"[{STANZA}]", f"pg1-path={pgdata or c.datadir}", f"pg1-socket-path={c.host}", f"pg1-port={c.port}",
@@ -314,7 +317,10 @@ class Bench:
         ]
 
     # --- WAL push --------------------------------------------------------------------------------
-    def wal_contender(self, name: str, segments: Path, tool: str, mode: str) -> Contender:
+    def wal_contender(self, name: str, segments: Path, tool: str, mode: str, encrypted: bool = False) -> Contender:
+        """``encrypted``: pgBackRest's repo1-cipher-type=aes-256-cbc, saveit's passphrase (a fresh repository, so
+        a fresh salt, every round: the first push of each round derives the key, the next ones read it from
+        the key cache)."""
         work = self.base / "walpush"
         staging = work / "pgdata"  # pgBackRest's async push wants pg1-path/pg_wal and pg1-path/global/pg_control
         pg_wal = staging / "pg_wal"
@@ -329,7 +335,7 @@ class Bench:
                 (pg_wal / "archive_status" / f"{seg}.ready").touch()
             if tool == "pgbr":
                 conf = work / "pgbackrest.conf"
-                self.write_pgbr_conf(conf, work / "repo", work / "spool", pgdata=staging)
+                self.write_pgbr_conf(conf, work / "repo", work / "spool", pgdata=staging, encrypted=encrypted)
                 subprocess.run(self.pgbr("stanza-create", f"--pg1-path={self.cluster.datadir}", conf=conf), check=True, capture_output=True)
 
         def after(rnd: int, s: Sample) -> Mapping[str, float]:
@@ -345,7 +351,8 @@ class Bench:
             main = "saveit-wal-push"
         elif tool == "saveit":
             cmd = [CLI, "wal-push", *(["--async"] if mode == "async" else [])]
-            env = self.saveit_env(work / "repo", BACKUP_SPOOL_DIR=str(work / "spool"))
+            env = self.saveit_env(work / "repo", encrypted=encrypted, BACKUP_SPOOL_DIR=str(work / "spool"),
+                                  BACKUP_KEY_CACHE_DIR=str(work / "keys"))
             main = "saveit-backup"
         else:
             cmd = self.pgbr("archive-push", *(["--archive-async"] if mode == "async" else []), conf=work / "pgbackrest.conf")
@@ -458,7 +465,9 @@ def main() -> int:
                               b.wal_contender("pgbackrest archive-push --archive-async", segments, "pgbr", "async"),
                               b.wal_contender("saveit wal-push sync", segments, "saveit", "sync"),
                               b.wal_contender("saveit wal-push --async", segments, "saveit", "async"),
-                              b.wal_contender("saveit-wal-push --async (native client)", segments, "saveit", "native")],
+                              b.wal_contender("saveit-wal-push --async (native client)", segments, "saveit", "native"),
+                              b.wal_contender("pgbackrest archive-push sync, aes-256-cbc", segments, "pgbr", "sync", encrypted=True),
+                              b.wal_contender("saveit wal-push sync, aes-256-gcm", segments, "saveit", "sync", encrypted=True)],
                              args.wal_rounds or args.rounds,
                              warmup=False)  # 200 segments per run: the first round warms the page cache for all
             loads.append(f"after WAL push {load_line()}")

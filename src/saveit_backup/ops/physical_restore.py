@@ -28,7 +28,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Iterable
@@ -47,7 +46,7 @@ from saveit_backup.ops import incremental, native_combine
 from saveit_backup.ops.progress import Progress
 from saveit_backup.pg.cluster import free_port
 from saveit_backup.pg.conn import find_tool
-from saveit_backup.pipeline import digests
+from saveit_backup.pipeline import digests, untar
 from saveit_backup.pipeline.compress import ChunkReader
 from saveit_backup.pipeline.direct_io import BUFFER_SIZE, DirectFiles
 from saveit_backup.pipeline.threads import read_ahead
@@ -436,13 +435,22 @@ def archive_chunks(repo: Repository, manifest: Manifest) -> Iterable[bytes]:
 
 
 def extract_archive(repo: Repository, manifest: Manifest, target: Path) -> None:
-    """A remote-mode backup's tar, extracted into ``target`` as it streams."""
-    chunks = archive_chunks(repo, manifest)
-    tar_tool = shutil.which("tar")
-    if tar_tool:
-        _extract_with_tar(tar_tool, chunks, target, manifest.id)
-    else:
-        _extract_with_tarfile(chunks, target, manifest.id)
+    """A remote-mode backup's tar, extracted into ``target`` as it streams (``pipeline/untar.py``): the server's
+    zstd stream decompressed straight into the direct-write buffers, the repository read ahead in a thread."""
+    from saveit_backup.pipeline.compress import decompress_reader
+
+    archive = manifest.physical["archive"]
+    key = layout.object_key(manifest.id, archive["object"])
+    direct = DirectFiles()
+    try:
+        if archive.get("content") == "tar.zst":
+            raw = decompress_reader(read_ahead(repo.read_object(key), depth=8), "zstd")
+        else:
+            raw = repo.object_reader(key)
+        with raw:
+            untar.extract(raw, str(target), f"backup {manifest.id}", direct)
+    finally:
+        direct.close()
 
 
 def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: PhysicalRestoreReport) -> None:
@@ -462,28 +470,6 @@ def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: Phys
     report.files, report.bytes = files, size
 
 
-def _extract_with_tar(tar_tool: str, chunks: Iterable[bytes], target: Path, backup_id: str) -> None:
-    """GNU tar in C (it refuses absolute and ``..`` member names); decoding runs in a read-ahead thread."""
-    import subprocess
-
-    proc = subprocess.Popen([tar_tool, "-x", "-f", "-", "-C", str(target), "--no-same-owner", "--no-same-permissions"],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stderr is not None
-    try:
-        for chunk in read_ahead(chunks, depth=8):
-            proc.stdin.write(chunk)
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    err = proc.stderr.read().decode(errors="replace").strip()
-    if proc.wait() != 0:
-        raise IntegrityError(f"backup {backup_id}: extracting the archive failed: {err.splitlines()[-1] if err else 'tar failed'}")
-
-
 def _private_tree(target: Path) -> tuple[int, int]:
     """Directories 0700, files 0600 (as PostgreSQL wants them); returns (files, bytes)."""
     files = size = 0
@@ -496,27 +482,6 @@ def _private_tree(target: Path) -> tuple[int, int]:
                 files += 1
                 size += os.path.getsize(path)
     return files, size
-
-
-def _extract_with_tarfile(chunks: Iterable[bytes], target: Path, backup_id: str) -> None:
-    with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), 1 << 20), mode="r|") as tar:
-        for member in tar:
-            name = member.name.lstrip("./") if member.name.startswith("./") else member.name
-            if not name or name.startswith("/") or ".." in name.split("/"):
-                raise IntegrityError(f"backup {backup_id}: unsafe path {member.name!r} in the archive")
-            dest = target / name
-            if member.isdir():
-                dest.mkdir(parents=True, exist_ok=True)
-                dest.chmod(0o700)
-            elif member.issym():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(member.linkname, dest)
-            elif member.isfile():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                assert src is not None
-                with open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
 
 
 # --- recovery configuration ----------------------------------------------------------------------

@@ -1,0 +1,198 @@
+"""Extract a tar stream (a remote-mode backup: pg_basebackup's ustar) into a directory, big files with O_DIRECT.
+
+Contract of ``extract(raw, target, what, direct)``:
+
+* ``raw`` is a raw reader of the tar's bytes (``readinto``; a zstd reader decompresses straight into
+  the buffers it is given).  ``target`` exists and is empty (``physical_restore.prepare_target``).
+* Members are regular files, directories and symbolic links; pax and GNU long names and sizes are
+  read.  Anything else (hard links, devices, FIFOs), an absolute or ``..`` name, a member at or under
+  a symbolic link of the same archive, a bad header checksum, or an archive that ends before its
+  end-of-archive block is ``IntegrityError``, named by ``what``.  Nothing is written outside ``target``.
+* Files of ``DIRECT_MIN`` bytes and more are written through ``direct`` (``direct_io.DirectFiles``:
+  filled by ``raw`` in its aligned buffers, written by its helper thread, so decompressing and writing
+  overlap, and the page cache is left alone); smaller ones through the page cache.  Files are created
+  0600 and directories 0700 (PostgreSQL's modes); mtimes are the archive's.
+* Returns (regular files, their bytes).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Callable
+
+from saveit_backup.errors import IntegrityError
+from saveit_backup.pipeline.direct_io import BUFFER_SIZE, DirectFiles
+
+BLOCK = 512
+DIRECT_MIN = BUFFER_SIZE  # smaller files through the page cache: one padded direct write overlaps nothing
+COPY_PIECE = 1 << 20
+_ZERO_BLOCK = bytes(BLOCK)
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+
+
+class _Source:
+    """Exact reads from ``raw``; a short read is an archive cut short."""
+
+    def __init__(self, raw: io.RawIOBase, what: str) -> None:
+        self.raw = raw
+        self.what = what
+        self.piece = memoryview(bytearray(COPY_PIECE))
+
+    def truncated(self) -> IntegrityError:
+        return IntegrityError(f"{self.what}: the archive is cut short (a member or its end-of-archive block is missing)")
+
+    def fill(self, view: memoryview) -> int:
+        """Fill ``view`` unless the stream ends first; returns the bytes read."""
+        got = 0
+        while got < len(view):
+            n = self.raw.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return got
+
+    def exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        if self.fill(memoryview(buf)) != n:
+            raise self.truncated()
+        return bytes(buf)
+
+    def skip(self, n: int) -> None:
+        while n:
+            step = min(n, COPY_PIECE)
+            if self.fill(self.piece[:step]) != step:
+                raise self.truncated()
+            n -= step
+
+    def limited(self, size: int) -> Callable[[memoryview], int]:
+        """A ``readinto`` of the next ``size`` bytes (0 after them; a stream ending earlier is cut short)."""
+        left = size
+
+        def readinto(view: memoryview) -> int:
+            nonlocal left
+            if not left:
+                return 0
+            n = self.raw.readinto(view[: min(len(view), left)])
+            if not n:
+                raise self.truncated()
+            left -= n
+            return n
+
+        return readinto
+
+
+def _pax_records(data: bytes, what: str) -> dict[str, str]:
+    """``"<length> <key>=<value>\\n"`` records (POSIX pax extended header)."""
+    out: dict[str, str] = {}
+    pos = 0
+    try:
+        while pos < len(data) and data[pos] != 0:
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+            if length <= space - pos:
+                raise ValueError(length)
+            key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+            out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+            pos += length
+    except ValueError:
+        raise IntegrityError(f"{what}: malformed pax header in the archive") from None
+    return out
+
+
+def _member_path(name: str, what: str) -> str:
+    """The member's path relative to the target ("" for the archive's root); unsafe names refused."""
+    while name.startswith("./"):
+        name = name[2:]
+    name = name.rstrip("/")
+    parts = name.split("/") if name not in ("", ".") else []
+    if name.startswith("/") or ".." in parts:
+        raise IntegrityError(f"{what}: unsafe path {name!r} in the archive")
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+def extract(raw: io.RawIOBase, target: str, what: str, direct: DirectFiles) -> tuple[int, int]:
+    src = _Source(raw, what)
+    links: set[str] = set()  # symbolic links made by this archive: nothing is written at or under them
+    files = total = 0
+    pending: dict[str, str] = {}  # from pax / GNU long-name headers, for the next member
+    block = bytearray(BLOCK)
+    while True:
+        got = src.fill(memoryview(block))
+        if got != BLOCK:
+            raise src.truncated()
+        if block == _ZERO_BLOCK:  # end of archive (what follows is its padding)
+            return files, total
+        try:
+            info = tarfile.TarInfo.frombuf(bytes(block), tarfile.ENCODING, "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise IntegrityError(f"{what}: damaged tar header in the archive ({exc})") from None
+        padding = -info.size % BLOCK
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            data = src.exact(info.size)
+            src.skip(padding)
+            if info.type == tarfile.XHDTYPE:
+                pending.update(_pax_records(data, what))
+            elif info.type == tarfile.GNUTYPE_LONGNAME:
+                pending["path"] = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            elif info.type == tarfile.GNUTYPE_LONGLINK:
+                pending["linkpath"] = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue  # a global pax header (XGLTYPE) sets nothing this extraction uses
+        name = _member_path(pending.get("path", info.name), what)
+        linkname = pending.get("linkpath", info.linkname)
+        size = int(pending["size"]) if "size" in pending else info.size
+        padding = -size % BLOCK
+        pending.clear()
+        parts = name.split("/") if name else []
+        if any("/".join(parts[:i]) in links for i in range(1, len(parts) + 1)):
+            raise IntegrityError(f"{what}: {name!r} in the archive is at or under one of its symbolic links")
+        dest = os.path.join(target, name)
+        if info.type != tarfile.DIRTYPE and (not name or os.path.lexists(dest)):
+            raise IntegrityError(f"{what}: {name!r} appears twice in the archive" if name else f"{what}: an archive member has no name")
+        if info.type == tarfile.DIRTYPE:
+            os.makedirs(dest, 0o700, exist_ok=True)
+            src.skip(size + padding)
+        elif info.type == tarfile.SYMTYPE:
+            os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
+            os.symlink(linkname, dest)
+            links.add(name)
+            src.skip(size + padding)
+        elif info.type in _FILE_TYPES:
+            os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
+            _write_file(src, dest, size, info.mtime, direct)
+            src.skip(padding)
+            files += 1
+            total += size
+        else:
+            raise IntegrityError(f"{what}: {name or info.name!r} in the archive is a {_KINDS.get(info.type, 'special file')}, "
+                                 "which a data directory never holds", hint="extract the archive by hand to inspect it")
+
+
+_KINDS = {tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
+          tarfile.FIFOTYPE: "FIFO"}
+
+
+def _write_file(src: _Source, dest: str, size: int, mtime: float, direct: DirectFiles) -> None:
+    fd = direct.open(dest) if size >= DIRECT_MIN else None
+    if fd is not None:
+        try:
+            direct.write(fd, src.limited(size), _ignore)
+            os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+        return
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        readinto = src.limited(size)
+        while n := readinto(src.piece):
+            view = src.piece[:n]
+            while view:
+                view = view[os.write(fd, view) :]
+        os.utime(fd, (mtime, mtime))
+    finally:
+        os.close(fd)
+
+
+def _ignore(view: memoryview) -> None:
+    """No per-file digest: the archive object's own check covers its bytes."""

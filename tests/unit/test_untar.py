@@ -1,0 +1,142 @@
+"""pipeline/untar: a remote-mode backup's tar extracted, big files through O_DIRECT, hostile archives refused."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from saveit_backup.errors import IntegrityError
+from saveit_backup.pipeline import direct_io, untar
+from saveit_backup.pipeline.direct_io import DirectFiles
+
+BUF = 64 << 10
+
+
+@pytest.fixture(autouse=True)
+def small_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct writes from BUF bytes on: the direct path runs with small test files."""
+    monkeypatch.setattr(direct_io, "BUFFER_SIZE", BUF)
+    monkeypatch.setattr(untar, "DIRECT_MIN", BUF)
+
+
+def _tar(members: list[tuple[str, str, bytes | str]], fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+    """(kind, name, content or link target) -> the archive's bytes."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        for kind, name, content in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if kind == "file":
+                assert isinstance(content, bytes)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+            else:
+                info.type = {"dir": tarfile.DIRTYPE, "link": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE,
+                             "fifo": tarfile.FIFOTYPE}[kind]
+                if isinstance(content, str):
+                    info.linkname = content
+                tar.addfile(info)
+    return out.getvalue()
+
+
+def _extract(data: bytes, target: Path) -> tuple[int, int]:
+    target.mkdir(exist_ok=True)
+    files = DirectFiles()
+    try:
+        return untar.extract(io.BytesIO(data), str(target), "backup X", files)
+    finally:
+        files.close()
+
+
+def _pattern(size: int, seed: int) -> bytes:
+    return (bytes([seed]) * 7 + os.urandom(1)) * (size // 8) + bytes(size % 8)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_files_directories_and_links_as_archived(tmp_path: Path, fmt: int) -> None:
+    big = _pattern(3 * BUF + 1234, 1)  # direct path: several buffers and a padded last block
+    exact = _pattern(2 * BUF, 2)  # direct path, a whole number of buffers
+    long_dir = "base/" + "d" * 120 if fmt != tarfile.USTAR_FORMAT else "base/16384"
+    members: list[tuple[str, str, bytes | str]] = [
+        ("dir", "./", b""), ("file", "./backup_label", b"START WAL LOCATION: 0/2000028\n"), ("dir", "base", b""),
+        ("dir", long_dir, b""), (("file", f"{long_dir}/16397", big)), ("file", f"{long_dir}/16397.1", exact),
+        ("file", "global/pg_control", _pattern(8192, 3)), ("file", "empty", b""),
+        ("link", "pg_tblspc/16500", "/srv/tablespaces/one"),
+    ]
+    data = _tar(members, fmt)
+    target = tmp_path / "t"
+    assert _extract(data, target) == (5, len(big) + len(exact) + 8192 + 30)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar.getmembers():
+            dest = target / m.name
+            if m.isfile():
+                extracted = tar.extractfile(m)
+                assert extracted is not None
+                assert dest.read_bytes() == extracted.read(), m.name
+                assert dest.stat().st_mtime == 1_700_000_000 and dest.stat().st_mode & 0o777 == 0o600
+    assert os.readlink(target / "pg_tblspc" / "16500") == "/srv/tablespaces/one"
+    assert (target / long_dir).is_dir()
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "base/../../escape", "./../escape"])
+def test_unsafe_names_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(IntegrityError, match="unsafe path"):
+        _extract(_tar([("file", name, b"x")]), tmp_path / "t")
+    assert not (tmp_path / "escape").exists()
+
+
+def test_nothing_written_through_the_archives_own_links(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for members in ([("link", "pg_wal", str(outside)), ("file", "pg_wal/000000010000000000000001", b"x")],
+                    [("link", "PG_VERSION", str(outside / "victim")), ("file", "PG_VERSION", b"15\n")]):
+        with pytest.raises(IntegrityError, match="symbolic links"):
+            _extract(_tar(members), tmp_path / f"t{len(os.listdir(tmp_path))}")
+    assert os.listdir(outside) == []
+
+
+@pytest.mark.parametrize(("kind", "what"), [("hard", "hard link"), ("fifo", "FIFO")])
+def test_special_members_refused(tmp_path: Path, kind: str, what: str) -> None:
+    with pytest.raises(IntegrityError, match=what):
+        _extract(_tar([("file", "a", b"x"), (kind, "b", "a")]), tmp_path / "t")
+
+
+def test_duplicate_member_refused(tmp_path: Path) -> None:
+    with pytest.raises(IntegrityError, match="appears twice"):
+        _extract(_tar([("file", "a", b"x"), ("file", "a", b"y")]), tmp_path / "t")
+
+
+def test_cut_archive_and_damaged_header(tmp_path: Path) -> None:
+    big = _pattern(2 * BUF + 100, 4)
+    data = _tar([("file", "small", b"abc"), ("file", "big", big)])
+    second = 1024  # "small": header and one data block; then the header of "big"
+    members_end = second + 512 + len(big) + (-len(big) % 512)
+    assert data[second : second + 3] == b"big" and data[members_end : members_end + 1024] == bytes(1024)
+    # before a header, inside one, inside the data (direct writes), after the last member without its end block
+    for n, cut in enumerate([second, second + 100, second + 600, second + 512 + BUF, members_end]):
+        with pytest.raises(IntegrityError, match="cut short"):
+            _extract(data[:cut], tmp_path / f"c{n}")
+    assert _extract(data[: members_end + 512], tmp_path / "whole") == (2, 3 + len(big))
+    damaged = bytearray(data)
+    damaged[second + 124] ^= 0x01  # the size field: the header checksum no longer matches
+    with pytest.raises(IntegrityError, match="damaged tar header"):
+        _extract(bytes(damaged), tmp_path / "d")
+
+
+def test_direct_writes_used_for_big_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The big file goes through DirectFiles (where the file system allows O_DIRECT), the small one does not."""
+    opened: list[str] = []
+    real_open = DirectFiles.open
+
+    def spy(self: DirectFiles, path: str) -> int | None:
+        opened.append(os.path.basename(path))
+        return real_open(self, path)
+
+    monkeypatch.setattr(DirectFiles, "open", spy)
+    big = _pattern(BUF + 1, 5)
+    _extract(_tar([("file", "small", b"abc"), ("file", "big", big)]), tmp_path / "t")
+    assert opened == ["big"] and (tmp_path / "t" / "big").read_bytes() == big

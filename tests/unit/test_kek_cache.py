@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from saveit_backup.errors import ConfigError
 from saveit_backup.pipeline import crypto, kek_cache
 
 SALT = b"s" * 16
@@ -17,11 +18,17 @@ KEK = bytes(range(32))
 
 @pytest.mark.parametrize(("setting", "expected"), [
     ("off", None), ("OFF", None), (" none ", None), ("false", None), ("0", None),
-    ("/run/saveit/keys", "/run/saveit/keys"),
-    ("", f"/dev/shm/saveit-backup-{os.geteuid()}" if os.path.isdir("/dev/shm") else None),
+    ("/run/saveit/keys", "/run/saveit/keys"), (" /run/saveit/keys ", "/run/saveit/keys"),
 ])
 def test_resolve(setting: str, expected: str | None) -> None:
     assert kek_cache.resolve(setting) == expected
+
+
+def test_default_is_per_user_in_memory() -> None:
+    if not os.path.isdir("/dev/shm"):
+        assert kek_cache.resolve("") is None
+    else:
+        assert kek_cache.resolve("") == f"/dev/shm/saveit-backup-{os.geteuid()}"
 
 
 def test_round_trip_per_passphrase_salt_and_parameters(tmp_path: Path) -> None:
@@ -53,13 +60,14 @@ def test_open_directory_is_not_trusted(tmp_path: Path) -> None:
 
 def test_open_file_wrong_size_and_symlinks_are_not_trusted(tmp_path: Path) -> None:
     d, entry = _stored(tmp_path)
+    good = Path(entry).read_bytes()
     os.chmod(entry, 0o644)
     assert kek_cache.load(d, "pw", SALT, *PARAMS) is None
     os.chmod(entry, 0o600)
     assert kek_cache.load(d, "pw", SALT, *PARAMS) == KEK
-    Path(entry).write_bytes(KEK + b"x")
+    Path(entry).write_bytes(good + b"x")
     assert kek_cache.load(d, "pw", SALT, *PARAMS) is None
-    Path(entry).write_bytes(KEK)
+    Path(entry).write_bytes(good)
     link_dir = tmp_path / "link"
     link_dir.symlink_to(d)
     assert kek_cache.load(str(link_dir), "pw", SALT, *PARAMS) is None
@@ -67,6 +75,41 @@ def test_open_file_wrong_size_and_symlinks_are_not_trusted(tmp_path: Path) -> No
     os.replace(entry, target)
     os.symlink(target, entry)
     assert kek_cache.load(d, "pw", SALT, *PARAMS) is None
+
+
+def test_another_users_entry_is_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, _ = _stored(tmp_path)
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 1)  # as seen by another user: the files are not theirs
+    assert kek_cache.load(d, "pw", SALT, *PARAMS) is None
+
+
+def test_a_damaged_entry_is_not_used_and_gets_replaced(tmp_path: Path) -> None:
+    d, entry = _stored(tmp_path)
+    damaged = bytearray(Path(entry).read_bytes())
+    damaged[3] ^= 0x01  # the key itself: same size, same owner and mode
+    Path(entry).write_bytes(bytes(damaged))
+    assert kek_cache.load(d, "pw", SALT, *PARAMS) is None
+    derived = crypto._scrypt.__wrapped__("pw", SALT, *PARAMS, d)
+    assert kek_cache.load(d, "pw", SALT, *PARAMS) == derived  # derived again and cached in its place
+    assert len(os.listdir(d)) == 1  # no temporary file left
+
+
+def test_a_fifo_at_the_entry_does_not_hang(tmp_path: Path) -> None:
+    import threading
+
+    d, entry = _stored(tmp_path)
+    os.unlink(entry)
+    os.mkfifo(entry, 0o600)
+    result: list[bytes | None] = []
+    reader = threading.Thread(target=lambda: result.append(kek_cache.load(d, "pw", SALT, *PARAMS)), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert result == [None]
+
+
+def test_relative_directory_refused() -> None:
+    with pytest.raises(ConfigError, match="absolute"):
+        kek_cache.resolve("keys")
 
 
 def test_unwritable_place_is_not_an_error(tmp_path: Path) -> None:

@@ -99,3 +99,40 @@ def test_a_damaged_or_missing_object_is_refused(tmp_path: Path, small_direct: No
     with pytest.raises(NotFound):
         _restore(tmp_path / "other", stored=None)
     assert not (tmp_path / "other/base/1/16384").exists()  # the object is opened before the file is created
+
+
+# --- extract_archive: a remote-mode backup's tar, checked against the manifest's object entry ----------------------
+def _archive_repo(content: str) -> tuple[Repository, Any, bytes]:
+    """A repository holding one remote-mode archive (``tar`` or ``tar.zst``) and a manifest stand-in for it."""
+    import io
+    import tarfile
+
+    import zstandard
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in (("PG_VERSION", b"15\n"), ("base/1/16384", DATA)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    body = out.getvalue() if content == "tar" else zstandard.ZstdCompressor(level=3).compress(out.getvalue())
+    repo = Repository(MemoryStorage())
+    repo.init()
+    name = f"base.{content}"
+    digest = repo.put_object(layout.object_key("B1", name), [body], EncodeOptions(codec="none"))
+    entry = SimpleNamespace(name=name, size=digest.plain_size, digest=digest.plain_digest)
+    manifest = SimpleNamespace(id="B1", physical={"archive": {"object": name, "content": content}}, objects=[entry])
+    return repo, manifest, body
+
+
+@pytest.mark.parametrize("content", ["tar", "tar.zst"])
+def test_remote_archive_extracted_and_checked_against_the_manifest(tmp_path: Path, small_direct: None, content: str) -> None:
+    repo, manifest, body = _archive_repo(content)
+    physical_restore.extract_archive(repo, manifest, tmp_path / "ok")
+    assert (tmp_path / "ok/base/1/16384").read_bytes() == DATA and (tmp_path / "ok/PG_VERSION").read_bytes() == b"15\n"
+    manifest.objects[0].digest = "blake3:" + blake3.blake3(body + b"x").hexdigest()  # the manifest records other bytes
+    with pytest.raises(IntegrityError, match="differs from the manifest"):
+        physical_restore.extract_archive(repo, manifest, tmp_path / "other")
+    manifest.objects = []
+    with pytest.raises(IntegrityError, match="lists no object"):
+        physical_restore.extract_archive(repo, manifest, tmp_path / "none")

@@ -120,7 +120,9 @@ def test_cut_archive_and_damaged_header(tmp_path: Path) -> None:
     for n, cut in enumerate([second, second + 100, second + 600, second + 512 + BUF, members_end]):
         with pytest.raises(IntegrityError, match="cut short"):
             _extract(data[:cut], tmp_path / f"c{n}")
-    assert _extract(data[: members_end + 512], tmp_path / "whole") == (2, 3 + len(big))
+    with pytest.raises(IntegrityError, match="cut short"):  # one end-of-archive block of two
+        _extract(data[: members_end + 512], tmp_path / "one-end-block")
+    assert _extract(data[: members_end + 1024], tmp_path / "whole") == (2, 3 + len(big))
     damaged = bytearray(data)
     damaged[second + 124] ^= 0x01  # the size field: the header checksum no longer matches
     with pytest.raises(IntegrityError, match="damaged tar header"):
@@ -140,3 +142,66 @@ def test_direct_writes_used_for_big_files(tmp_path: Path, monkeypatch: pytest.Mo
     big = _pattern(BUF + 1, 5)
     _extract(_tar([("file", "small", b"abc"), ("file", "big", big)]), tmp_path / "t")
     assert opened == ["big"] and (tmp_path / "t" / "big").read_bytes() == big
+
+
+def test_data_after_the_end_or_a_zeroed_header_refused(tmp_path: Path) -> None:
+    """A header zeroed in the middle reads as the end of the archive: what follows must be zeros."""
+    data = _tar([("file", "a", b"x" * 600), ("file", "b", b"y" * 10)])
+    second = 512 + 1024  # "a": header and two data blocks
+    zeroed = data[:second] + bytes(512) + data[second + 512 :]
+    with pytest.raises(IntegrityError, match="data after its end"):
+        _extract(zeroed, tmp_path / "z")
+    with pytest.raises(IntegrityError, match="data after its end"):
+        _extract(data + b"trailing", tmp_path / "t")
+    assert _extract(data + bytes(20_000), tmp_path / "padded") == (2, 610)
+
+
+def test_o_direct_refused_after_the_file_was_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux creates the file before refusing O_DIRECT (EINVAL): the page-cache path writes it all the same."""
+
+    def refused(self: DirectFiles, path: str) -> int | None:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        self.supported = False
+        return None
+
+    monkeypatch.setattr(DirectFiles, "open", refused)
+    big = _pattern(3 * BUF + 5, 6)
+    assert _extract(_tar([("file", "big", big), ("file", "small", b"abc")]), tmp_path / "t") == (2, len(big) + 3)
+    assert (tmp_path / "t" / "big").read_bytes() == big
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_long_link_targets(tmp_path: Path, fmt: int) -> None:
+    far = "/srv/" + "t" * 150 + "/tablespace"
+    _extract(_tar([("link", "pg_tblspc/16500", far)], fmt), tmp_path / "t")
+    assert os.readlink(tmp_path / "t" / "pg_tblspc" / "16500") == far
+
+
+def _pax(records: bytes, then: bytes = b"") -> bytes:
+    """A pax extended header holding ``records``, followed by the member archive ``then``."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type = tarfile.XHDTYPE
+    info.size = len(records)
+    return info.tobuf(tarfile.USTAR_FORMAT) + records + bytes(-len(records) % 512) + then
+
+
+@pytest.mark.parametrize("records", [b"0 \n", b"99 path=foo\n", b"12 path=foo!", b"5 path=\n", b"x path=a\n", b"12 size=1x2\n",
+                                     b"14 path=a\0b/c\n"])
+def test_malformed_pax_headers_refused(tmp_path: Path, records: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        _extract(_pax(records, _tar([("file", "a", b"x")])), tmp_path / "t")
+
+
+def test_pax_overrides_the_next_member_only(tmp_path: Path) -> None:
+    first = _tar([("file", "short", b"abc")])[:1024]  # header and data, no end blocks
+    archive = _pax(b"18 path=long/name\n", first) + _tar([("file", "plain", b"xyz")])
+    assert _extract(archive, tmp_path / "t") == (2, 6)
+    assert (tmp_path / "t" / "long" / "name").read_bytes() == b"abc" and (tmp_path / "t" / "plain").read_bytes() == b"xyz"
+
+
+def test_clashing_members_refused(tmp_path: Path) -> None:
+    for n, members in enumerate([[("link", "pg_wal", "/elsewhere"), ("dir", "pg_wal", b"")],  # a directory over a link
+                                 [("file", "PG_VERSION", b"15\n"), ("file", "PG_VERSION/x", b"y")],  # under a file
+                                 [("file", "global", b"x"), ("dir", "global", b"")]]):
+        with pytest.raises(IntegrityError):
+            _extract(_tar(members), tmp_path / f"t{n}")

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -436,21 +436,35 @@ def archive_chunks(repo: Repository, manifest: Manifest) -> Iterable[bytes]:
 
 def extract_archive(repo: Repository, manifest: Manifest, target: Path) -> None:
     """A remote-mode backup's tar, extracted into ``target`` as it streams (``pipeline/untar.py``): the server's
-    zstd stream decompressed straight into the direct-write buffers, the repository read ahead in a thread."""
+    zstd stream decompressed straight into the direct-write buffers, the repository read ahead in a thread.
+    The archive object's bytes are checked against the manifest's size and digest at the end."""
     from saveit_backup.pipeline.compress import decompress_reader
 
     archive = manifest.physical["archive"]
-    key = layout.object_key(manifest.id, archive["object"])
+    entry = next((o for o in manifest.objects if o.name == archive["object"]), None)
+    if entry is None:
+        raise IntegrityError(f"backup {manifest.id}: the manifest lists no object {archive['object']!r} (manifest damaged)")
+    h = digests.like(entry.digest)
+    seen = 0
+
+    def observed(chunks: Iterable[bytes]) -> Iterator[bytes]:
+        nonlocal seen
+        for chunk in chunks:
+            h.update(chunk)
+            seen += len(chunk)
+            yield chunk
+
+    source = read_ahead(observed(repo.read_object(layout.object_key(manifest.id, archive["object"]))), depth=8)
     direct = DirectFiles()
     try:
-        if archive.get("content") == "tar.zst":
-            raw = decompress_reader(read_ahead(repo.read_object(key), depth=8), "zstd")
-        else:
-            raw = repo.object_reader(key)
+        raw = decompress_reader(source, "zstd") if archive.get("content") == "tar.zst" else ChunkReader(source)
         with raw:
-            untar.extract(raw, str(target), f"backup {manifest.id}", direct)
+            untar.extract(raw, str(target), f"backup {manifest.id}", direct)  # reads the archive to its end
     finally:
         direct.close()
+    if seen != entry.size or not digests.matches(h, entry.digest):
+        raise IntegrityError(f"backup {manifest.id}: the archive object {archive['object']} differs from the manifest "
+                             f"({seen} bytes, expected {entry.size})")
 
 
 def restore_tar(repo: Repository, manifest: Manifest, target: Path, report: PhysicalRestoreReport) -> None:

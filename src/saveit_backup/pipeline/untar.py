@@ -4,10 +4,12 @@ Contract of ``extract(raw, target, what, direct)``:
 
 * ``raw`` is a raw reader of the tar's bytes (``readinto``; a zstd reader decompresses straight into
   the buffers it is given).  ``target`` exists and is empty (``physical_restore.prepare_target``).
-* Members are regular files, directories and symbolic links; pax and GNU long names and sizes are
-  read.  Anything else (hard links, devices, FIFOs), an absolute or ``..`` name, a member at or under
-  a symbolic link of the same archive, a bad header checksum, or an archive that ends before its
-  end-of-archive block is ``IntegrityError``, named by ``what``.  Nothing is written outside ``target``.
+* Members are regular files, directories and symbolic links; pax (local and global) and GNU long
+  names, link targets and sizes are read.  Anything else (hard links, devices, FIFOs), an absolute or
+  ``..`` name, a member at or under a symbolic link of the same archive or whose directory resolves
+  outside ``target``, a name used twice, a bad header checksum or pax record, an archive that ends
+  before its end-of-archive blocks or holds anything but zeros after them is ``IntegrityError``, named
+  by ``what``.  Nothing is written outside ``target``; ``raw`` is read to its end.
 * Files of ``DIRECT_MIN`` bytes and more are written through ``direct`` (``direct_io.DirectFiles``:
   filled by ``raw`` in its aligned buffers, written by its helper thread, so decompressing and writing
   overlap, and the page cache is left alone); smaller ones through the page cache.  Files are created
@@ -28,6 +30,7 @@ from saveit_backup.pipeline.direct_io import BUFFER_SIZE, DirectFiles
 BLOCK = 512
 DIRECT_MIN = BUFFER_SIZE  # smaller files through the page cache: one padded direct write overlaps nothing
 COPY_PIECE = 1 << 20
+EXTENDED_MAX = 1 << 20  # pax and GNU long-name headers: a name, not data
 _ZERO_BLOCK = bytes(BLOCK)
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
@@ -84,18 +87,21 @@ class _Source:
 
 
 def _pax_records(data: bytes, what: str) -> dict[str, str]:
-    """``"<length> <key>=<value>\\n"`` records (POSIX pax extended header)."""
+    """``"<length> <key>=<value>\\n"`` records (POSIX pax extended header), each checked as tarfile does."""
     out: dict[str, str] = {}
     pos = 0
     try:
         while pos < len(data) and data[pos] != 0:
             space = data.index(b" ", pos)
             length = int(data[pos:space])
-            if length <= space - pos:
+            end = pos + length
+            if length <= space - pos + 1 or end > len(data) or data[end - 1 : end] != b"\n" or b"=" not in data[space:end]:
                 raise ValueError(length)
-            key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+            key, _, value = data[space + 1 : end - 1].partition(b"=")
             out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-            pos += length
+            pos = end
+        if "size" in out and not (out["size"].isdigit() and out["size"].isascii()):
+            raise ValueError(out["size"])
     except ValueError:
         raise IntegrityError(f"{what}: malformed pax header in the archive") from None
     return out
@@ -114,59 +120,86 @@ def _member_path(name: str, what: str) -> str:
 
 def extract(raw: io.RawIOBase, target: str, what: str, direct: DirectFiles) -> tuple[int, int]:
     src = _Source(raw, what)
+    root = os.path.realpath(target)
     links: set[str] = set()  # symbolic links made by this archive: nothing is written at or under them
     files = total = 0
+    global_pax: dict[str, str] = {}
     pending: dict[str, str] = {}  # from pax / GNU long-name headers, for the next member
     block = bytearray(BLOCK)
     while True:
-        got = src.fill(memoryview(block))
-        if got != BLOCK:
+        if src.fill(memoryview(block)) != BLOCK:
             raise src.truncated()
-        if block == _ZERO_BLOCK:  # end of archive (what follows is its padding)
+        if block == _ZERO_BLOCK:  # end of archive: a second zero block, then only zeros (the record's padding)
+            _check_end(src)
             return files, total
         try:
             info = tarfile.TarInfo.frombuf(bytes(block), tarfile.ENCODING, "surrogateescape")
         except tarfile.HeaderError as exc:
             raise IntegrityError(f"{what}: damaged tar header in the archive ({exc})") from None
-        padding = -info.size % BLOCK
         if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            if info.size > EXTENDED_MAX:
+                raise IntegrityError(f"{what}: an extended tar header of {info.size} bytes (at most {EXTENDED_MAX})")
             data = src.exact(info.size)
-            src.skip(padding)
+            src.skip(-info.size % BLOCK)
             if info.type == tarfile.XHDTYPE:
                 pending.update(_pax_records(data, what))
-            elif info.type == tarfile.GNUTYPE_LONGNAME:
-                pending["path"] = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            elif info.type == tarfile.GNUTYPE_LONGLINK:
-                pending["linkpath"] = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            continue  # a global pax header (XGLTYPE) sets nothing this extraction uses
-        name = _member_path(pending.get("path", info.name), what)
-        linkname = pending.get("linkpath", info.linkname)
-        size = int(pending["size"]) if "size" in pending else info.size
-        padding = -size % BLOCK
+            elif info.type == tarfile.XGLTYPE:
+                global_pax.update(_pax_records(data, what))
+            else:
+                pending["path" if info.type == tarfile.GNUTYPE_LONGNAME else "linkpath"] = (
+                    data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"))
+            continue
+        values = {**global_pax, **pending}
         pending.clear()
-        parts = name.split("/") if name else []
-        if any("/".join(parts[:i]) in links for i in range(1, len(parts) + 1)):
-            raise IntegrityError(f"{what}: {name!r} in the archive is at or under one of its symbolic links")
-        dest = os.path.join(target, name)
-        if info.type != tarfile.DIRTYPE and (not name or os.path.lexists(dest)):
-            raise IntegrityError(f"{what}: {name!r} appears twice in the archive" if name else f"{what}: an archive member has no name")
-        if info.type == tarfile.DIRTYPE:
-            os.makedirs(dest, 0o700, exist_ok=True)
-            src.skip(size + padding)
-        elif info.type == tarfile.SYMTYPE:
-            os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
-            os.symlink(linkname, dest)
-            links.add(name)
-            src.skip(size + padding)
-        elif info.type in _FILE_TYPES:
-            os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
-            _write_file(src, dest, size, info.mtime, direct)
-            src.skip(padding)
-            files += 1
-            total += size
-        else:
-            raise IntegrityError(f"{what}: {name or info.name!r} in the archive is a {_KINDS.get(info.type, 'special file')}, "
-                                 "which a data directory never holds", hint="extract the archive by hand to inspect it")
+        name = _member_path(values.get("path", info.name), what)
+        size = int(values["size"]) if "size" in values else info.size
+        try:
+            if _extract_member(src, root, name, info, values.get("linkpath", info.linkname), size, links, direct, what):
+                files += 1
+                total += size
+        except (ValueError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:  # NUL in a name, clashes
+            raise IntegrityError(f"{what}: cannot extract {name!r} from the archive: {exc}") from None
+
+
+def _extract_member(src: _Source, root: str, name: str, info: tarfile.TarInfo, linkname: str, size: int, links: set[str],
+                    direct: DirectFiles, what: str) -> bool:
+    """One member (see the module contract); True for a regular file.  Like tarfile, only regular files
+    have data in the archive."""
+    parts = name.split("/") if name else []
+    if any("/".join(parts[:i]) in links for i in range(1, len(parts) + 1)):
+        raise IntegrityError(f"{what}: {name!r} in the archive is at or under one of its symbolic links")
+    dest = os.path.join(root, name) if name else root
+    if os.path.realpath(dest) != dest:  # through a link the archive did not make (case-folding directories...)
+        raise IntegrityError(f"{what}: {name!r} in the archive resolves outside the target directory")
+    if info.type == tarfile.DIRTYPE:
+        os.makedirs(dest, 0o700, exist_ok=True)
+        return False
+    if not name:
+        raise IntegrityError(f"{what}: an archive member has no name")
+    if info.type not in (tarfile.SYMTYPE, *_FILE_TYPES):
+        raise IntegrityError(f"{what}: {name!r} in the archive is a {_KINDS.get(info.type, 'special file')}, "
+                             "which a data directory never holds", hint="extract the archive by hand to inspect it")
+    if os.path.lexists(dest):
+        raise IntegrityError(f"{what}: {name!r} appears twice in the archive")
+    os.makedirs(os.path.dirname(dest), 0o700, exist_ok=True)
+    if info.type == tarfile.SYMTYPE:
+        os.symlink(linkname, dest)
+        links.add(name)
+        return False
+    _write_file(src, dest, size, info.mtime, direct)
+    src.skip(-size % BLOCK)
+    return True
+
+
+def _check_end(src: _Source) -> None:
+    """After the first zero block: a second one, then nothing but zeros to the end of the stream."""
+    if src.fill(src.piece[:BLOCK]) != BLOCK:
+        raise src.truncated()
+    n = BLOCK
+    while n:
+        if bytes(src.piece[:n]).strip(b"\0"):
+            raise IntegrityError(f"{src.what}: the archive holds data after its end-of-archive blocks")
+        n = src.fill(src.piece)
 
 
 _KINDS = {tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
@@ -174,6 +207,7 @@ _KINDS = {tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device", tar
 
 
 def _write_file(src: _Source, dest: str, size: int, mtime: float, direct: DirectFiles) -> None:
+    """``size`` bytes of ``src`` into the new file ``dest`` (``extract`` checked that nothing is there)."""
     fd = direct.open(dest) if size >= DIRECT_MIN else None
     if fd is not None:
         try:
@@ -182,7 +216,8 @@ def _write_file(src: _Source, dest: str, size: int, mtime: float, direct: Direct
         finally:
             os.close(fd)
         return
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # No O_EXCL: where O_DIRECT is refused, the kernel created the file before refusing the flag.
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         readinto = src.limited(size)
         while n := readinto(src.piece):
@@ -195,4 +230,4 @@ def _write_file(src: _Source, dest: str, size: int, mtime: float, direct: Direct
 
 
 def _ignore(view: memoryview) -> None:
-    """No per-file digest: the archive object's own check covers its bytes."""
+    """No per-file digest: the caller checks the archive object's digest (``physical_restore.extract_archive``)."""

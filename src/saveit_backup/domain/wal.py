@@ -31,7 +31,9 @@ MAX_TIMELINE = 0xFFFF_FFFF
 # ---------------------------------------------------------------------------------
 # LSN
 # ---------------------------------------------------------------------------------
-_LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+# Patterns, not compiled ones: ``re.match`` compiles each on first use (and caches it); a wal-push uses
+# one or two of them, and compiling all at import cost about 1 ms of every archive_command.
+_LSN_RE = r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$"
 
 
 class Lsn:
@@ -77,7 +79,7 @@ class Lsn:
     @classmethod
     def parse(cls, text: str) -> Lsn:
         """Parse ``"16/B374D848"`` (hex, either case, surrounding spaces ignored)."""
-        m = _LSN_RE.match(text.strip())
+        m = re.match(_LSN_RE, text.strip())
         if not m:
             raise ValueError(f"invalid LSN {text!r}: expected two hex numbers separated by '/', like 16/B374D848")
         return cls((int(m.group(1), 16) << 32) | int(m.group(2), 16))
@@ -161,12 +163,12 @@ def segment_name(tli: int, segno: int, segsize: int = DEFAULT_SEGMENT_SIZE) -> s
     return f"{tli:08X}{segno // per:08X}{segno % per:08X}"
 
 
-_SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
+_SEGMENT_RE = r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$"
 
 
 def parse_segment_name(name: str, segsize: int = DEFAULT_SEGMENT_SIZE) -> Segment:
     """``"000000010000000100000002"`` -> ``Segment(tli=1, segno=258)`` (16 MiB segments)."""
-    m = _SEGMENT_RE.match(name)
+    m = re.match(_SEGMENT_RE, name)
     if not m:
         raise ValueError(f"invalid WAL segment name {name!r}: expected 24 upper-case hex digits")
     tli, log, seg = (int(g, 16) for g in m.groups())
@@ -228,25 +230,25 @@ class ArchiveFile(NamedTuple):
     segment: str | None = None
 
 
-_PARTIAL_RE = re.compile(r"^([0-9A-F]{24})\.partial$")
-_HISTORY_RE = re.compile(r"^([0-9A-F]{8})\.history$")
-_BACKUP_RE = re.compile(r"^([0-9A-F]{24})\.([0-9A-F]{8})\.backup$")
+_PARTIAL_RE = r"^([0-9A-F]{24})\.partial$"
+_HISTORY_RE = r"^([0-9A-F]{8})\.history$"
+_BACKUP_RE = r"^([0-9A-F]{24})\.([0-9A-F]{8})\.backup$"
 
 
 def classify_archive_name(name: str, segsize: int = DEFAULT_SEGMENT_SIZE) -> ArchiveFile:
     """Classify a file name found in (or pushed to) the WAL archive; anything unrecognised is INVALID."""
     invalid = ArchiveFile(name, WalFileKind.INVALID)
-    m = _HISTORY_RE.match(name)
+    m = re.match(_HISTORY_RE, name)
     if m:
         tli = int(m.group(1), 16)
         return ArchiveFile(name, WalFileKind.HISTORY, tli) if tli >= 1 else invalid
     kind = WalFileKind.SEGMENT
     seg = name
-    m = _PARTIAL_RE.match(name)
+    m = re.match(_PARTIAL_RE, name)
     if m:
         kind, seg = WalFileKind.PARTIAL, m.group(1)
     else:
-        m = _BACKUP_RE.match(name)
+        m = re.match(_BACKUP_RE, name)
         if m:
             kind, seg = WalFileKind.BACKUP, m.group(1)
             if int(m.group(2), 16) >= segsize:
@@ -560,14 +562,14 @@ class BackupLabel(TypedDict):
     backup_from: str | None
 
 
-_START_WAL_RE = re.compile(r"^(\S+) \(file ([0-9A-F]{24})\)$")
-_START_TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?: (\S+))?$")
-_TZ_OFFSET_RE = re.compile(r"^([+-])(\d{2})(?::?(\d{2}))?$")
+_START_WAL_RE = r"^(\S+) \(file ([0-9A-F]{24})\)$"
+_START_TIME_RE = r"^(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?: (\S+))?$"
+_TZ_OFFSET_RE = r"^([+-])(\d{2})(?::?(\d{2}))?$"
 
 
 def _parse_label_time(text: str) -> datetime | None:
     """``2026-11-25 01:45:35 UTC`` -> aware datetime; None when the zone is an abbreviation we can't resolve."""
-    m = _START_TIME_RE.match(text)
+    m = re.match(_START_TIME_RE, text)
     if not m:
         return None
     from datetime import UTC, datetime, timedelta, timezone  # here: wal-push's path never parses labels
@@ -578,7 +580,7 @@ def _parse_label_time(text: str) -> datetime | None:
         return naive.replace(tzinfo=UTC)
     if zone is None:
         return None
-    off = _TZ_OFFSET_RE.match(zone)
+    off = re.match(_TZ_OFFSET_RE, zone)
     if not off:
         return None
     delta = timedelta(hours=int(off.group(2)), minutes=int(off.group(3) or 0))
@@ -599,7 +601,7 @@ def parse_backup_label(text: str) -> BackupLabel:
         raise ValueError("invalid backup_label: missing START WAL LOCATION")
     if "CHECKPOINT LOCATION" not in fields:
         raise ValueError("invalid backup_label: missing CHECKPOINT LOCATION")
-    m = _START_WAL_RE.match(fields["START WAL LOCATION"])
+    m = re.match(_START_WAL_RE, fields["START WAL LOCATION"])
     if not m:
         raise ValueError(
             f"invalid backup_label START WAL LOCATION {fields['START WAL LOCATION']!r}: expected 'X/X (file 000000010000000000000002)'"

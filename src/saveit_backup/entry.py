@@ -18,15 +18,20 @@ def main() -> int:
     if argv[:1] == ["wal-push"]:
         import os
 
-        from saveit_backup.ops.wal_spool import acknowledged
-        from saveit_backup.wal_args import quick_args
+        from saveit_backup.wal_args import async_requested, quick_args
 
-        ack = acknowledged(quick_args(argv), os.environ)  # async mode, pushed by the worker: nothing else to load
-        if ack.done:
-            _leave(0)
+        args = quick_args(argv)
+        waited_since = None
+        if async_requested(args, os.environ):  # a sync push does not load the spool
+            from saveit_backup.ops.wal_spool import acknowledged
+
+            ack = acknowledged(args, os.environ)  # pushed by the worker: nothing else to load
+            if ack.done:
+                _leave(0)
+            waited_since = ack.waited_since
         from saveit_backup.cli_wal import fast_main
 
-        _leave(fast_main(argv, ack.waited_since))
+        _leave(fast_main(argv, waited_since))
     if argv[:1] == ["wal-fetch"]:
         from saveit_backup.ops.wal_cache import take_cached
         from saveit_backup.wal_args import quick_args

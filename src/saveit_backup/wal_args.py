@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 TYPE_CHECKING = False  # typing is not loaded on this path; mypy still reads the block
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from typing import Any
 
 # option -> (attribute, takes a value, converter); what quick_args cannot parse goes to argparse (cli_wal)
@@ -25,6 +25,18 @@ _COMMON = {"--config": ("wal_config", True, str), "--repo": ("wal_repo", True, s
 DEFAULTS: dict[str, dict[str, Any]] = {"wal-push": {"async_": None, "timeout": 60.0},
                                         "wal-fetch": {"prefetch": 8, "abort_on_error": False}}
 _POSITIONAL = {"wal-push": ("path",), "wal-fetch": ("name", "dest")}
+
+
+_TRUE = ("1", "true", "yes", "on")  # as config.TRUE
+
+
+def async_requested(args: SimpleNamespace | None, environ: Mapping[str, str]) -> bool:
+    """Whether this ``wal-push`` asks for async mode before its configuration loads (``--async`` or
+    BACKUP_ARCHIVE_ASYNC): only then can ``wal_spool.acknowledged`` answer it, so a sync push never
+    imports the spool.  False for anything ``quick_args`` could not parse and for ``--verbose``."""
+    if args is None or args.command != "wal-push" or args.wal_verbose:
+        return False
+    return bool(args.async_) or environ.get("BACKUP_ARCHIVE_ASYNC", "").strip().lower() in _TRUE
 
 
 def quick_args(argv: Sequence[str]) -> SimpleNamespace | None:

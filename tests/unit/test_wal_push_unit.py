@@ -317,7 +317,7 @@ def test_wal_fetch_serves_the_prefetch_cache_before_loading_anything(tmp_path: P
 def test_sync_push_loads_only_the_push_path(tmp_path: Path) -> None:
     """archive_command runs once per WAL file: a sync push of a new segment into a local repository loads
     zstd's C backend without its package (platform, typing's share) and no thread, date, logging, dataclass
-    or hashing machinery.  The first push initialises the repository, which may load more."""
+    or hashing machinery, nor the async spool.  The first push initialises the repository, which may load more."""
     import subprocess
     import sys
 
@@ -333,7 +333,7 @@ def test_sync_push_loads_only_the_push_path(tmp_path: Path) -> None:
     imported = push_cli(segment(tmp_path, 10, fill=3))
     assert {"saveit_backup.ops.wal_push", "saveit_backup.storage.local"} <= imported  # (the backend is loaded outside the import log)
     assert not imported & {"zstandard", "platform", "threading", "datetime", "logging", "dataclasses", "hashlib", "argparse",
-                           "saveit_backup.domain.manifest", "saveit_backup.cli"}
+                           "saveit_backup.domain.manifest", "saveit_backup.cli", "saveit_backup.ops.wal_spool"}
     from saveit_backup.repo.layout import wal_key
     from saveit_backup.storage.local import LocalStorage
 

@@ -16,6 +16,7 @@ import time
 
 from saveit_backup import errors
 from saveit_backup.errors import ConfigError, SaveitError, TransientStorageError
+from saveit_backup.wal_args import async_requested
 
 try:  # CPython's built-in SHA-256: the same digest as hashlib's without loading OpenSSL
     from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]
@@ -131,7 +132,6 @@ def write_atomic(path: str, text: str) -> None:
 
 
 # --- client: wal-push --async -----------------------------------------------------------
-_TRUE = ("1", "true", "yes", "on")  # as config.TRUE
 
 
 class FastAck:
@@ -157,21 +157,18 @@ def acknowledged(args: SimpleNamespace | None, environ: dict[str, str] | os._Env
     running, a dropped or failed file, ``--timeout`` passed): the caller then runs the full
     ``wal-push``, which decides and reports.
     """
-    if args is None or args.command != "wal-push" or args.wal_verbose:
+    if args is None or not async_requested(args, environ):  # async set only in a config file: the full wal-push
         return FastAck(False)
-    use_async = bool(args.async_) or environ.get("BACKUP_ARCHIVE_ASYNC", "").strip().lower() in _TRUE
     config_file = args.wal_config or environ.get("BACKUP_CONFIG")
     spool_dir = environ.get("BACKUP_SPOOL_DIR")
-    if config_file and (spool_dir is None or not use_async):
+    if config_file and spool_dir is None:
         try:
             with open(config_file, encoding="utf-8") as f:
                 text = f.read()
         except OSError:
             return FastAck(False)
-        if (spool_dir is None and "spool_dir" in text) or (not use_async and "archive_async" in text):
+        if "spool_dir" in text:
             return FastAck(False)
-    if not use_async:
-        return FastAck(False)
     path = os.path.abspath(args.path)
     name = os.path.basename(path)
     if not name or name.startswith("."):

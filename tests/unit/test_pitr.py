@@ -14,7 +14,8 @@ from saveit_backup.domain.pitr import (
     recovery_settings,
     render_conf,
 )
-from saveit_backup.domain.wal import Lsn, parse_history
+from saveit_backup.domain.timeline import parse_history
+from saveit_backup.domain.wal import Lsn
 
 
 def ts(day: int, hour: int = 0, minute: int = 0) -> datetime:

@@ -1,4 +1,4 @@
-"""Table tests for saveit_backup.domain.wal."""
+"""Table tests for saveit_backup.domain.wal and domain.timeline."""
 
 from __future__ import annotations
 
@@ -6,29 +6,31 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from saveit_backup.domain.timeline import (
+    TimelineSwitch,
+    check_wal_continuity,
+    parse_backup_label,
+    parse_history,
+    timeline_of_lsn,
+    timeline_of_segment,
+)
 from saveit_backup.domain.wal import (
     DEFAULT_SEGMENT_SIZE,
     Lsn,
     Segment,
-    TimelineSwitch,
     WalFileKind,
     backup_history_file_name,
     check_segment_header,
     check_segment_size,
-    check_wal_continuity,
     classify_archive_name,
     history_file_name,
     lsn_to_segment,
     next_segment_name,
-    parse_backup_label,
-    parse_history,
     parse_long_page_header,
     parse_segment_name,
     segment_name,
     segment_range,
     segment_start_lsn,
-    timeline_of_lsn,
-    timeline_of_segment,
 )
 
 MiB = 1024 * 1024

@@ -333,7 +333,8 @@ def test_sync_push_loads_only_the_push_path(tmp_path: Path) -> None:
     imported = push_cli(segment(tmp_path, 10, fill=3))
     assert {"saveit_backup.ops.wal_push", "saveit_backup.storage.local"} <= imported  # (the backend is loaded outside the import log)
     assert not imported & {"zstandard", "platform", "threading", "datetime", "logging", "dataclasses", "hashlib", "argparse",
-                           "saveit_backup.domain.manifest", "saveit_backup.cli", "saveit_backup.ops.wal_spool"}
+                           "saveit_backup.domain.manifest", "saveit_backup.cli", "saveit_backup.ops.wal_spool",
+                           "saveit_backup.domain.timeline"}
     from saveit_backup.repo.layout import wal_key
     from saveit_backup.storage.local import LocalStorage
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from saveit_backup.domain.wal import Lsn, TimelineSwitch, as_lsn, timeline_of_lsn
+from saveit_backup.domain.timeline import TimelineSwitch, timeline_of_lsn
+from saveit_backup.domain.wal import Lsn, as_lsn
 
 TargetKind = Literal["time", "lsn", "xid", "name", "immediate", "latest"]
 RecoveryAction = Literal["pause", "promote", "shutdown"]
@@ -109,7 +110,7 @@ def choose_backup(
 
     time: finished strictly before the target time; lsn: ``stop_lsn <= target``; xid, name, immediate,
     latest: the newest good one (whether the xid or name lies after it is only known by replaying WAL).
-    With ``target_timeline`` and its ``history`` (from :func:`saveit_backup.domain.wal.parse_history`),
+    With ``target_timeline`` and its ``history`` (from :func:`saveit_backup.domain.timeline.parse_history`),
     backups on branches that the target timeline does not descend from are skipped.
     Raises ValueError saying why nothing qualifies.
     """

@@ -45,7 +45,8 @@ from typing import Any
 from saveit_backup import __version__
 from saveit_backup.compose import Context
 from saveit_backup.domain.manifest import Manifest, ObjectEntry, iso, utcnow
-from saveit_backup.domain.wal import Lsn, parse_backup_label, segment_range
+from saveit_backup.domain.timeline import parse_backup_label
+from saveit_backup.domain.wal import Lsn, segment_range
 from saveit_backup.errors import ConfigError, NotFound, PgToolError
 from saveit_backup.ops import incremental, native_incremental
 from saveit_backup.ops.progress import Progress

@@ -40,7 +40,8 @@ from typing import Any, BinaryIO
 from saveit_backup.compose import Context
 from saveit_backup.domain.manifest import Manifest
 from saveit_backup.domain.pitr import PhysicalBackup, RecoveryTarget, choose_backup, recovery_settings
-from saveit_backup.domain.wal import Lsn, history_file_name, parse_history
+from saveit_backup.domain.timeline import parse_history
+from saveit_backup.domain.wal import Lsn, history_file_name
 from saveit_backup.errors import BackupNotFound, ConfigError, IntegrityError, NotFound, PgToolError, RestoreRefused
 from saveit_backup.ops import incremental, native_combine
 from saveit_backup.ops.progress import Progress

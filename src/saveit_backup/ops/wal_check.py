@@ -1,6 +1,6 @@
 """WAL continuity of the archive, from each physical backup's start to the newest archived segment.
 
-Uses ``domain.wal.check_wal_continuity`` (timeline switches followed through ``.history`` files).
+Uses ``domain.timeline.check_wal_continuity`` (timeline switches followed through ``.history`` files).
 The point-in-time window runs from the oldest good physical backup's end to the newest segment
 archived without a gap after the newest backup (its upload time; the end of that segment is the
 last point recovery can reach).
@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from saveit_backup.domain.manifest import Manifest, iso
-from saveit_backup.domain.wal import DEFAULT_SEGMENT_SIZE, WalFileKind, check_wal_continuity, classify_archive_name
+from saveit_backup.domain.timeline import check_wal_continuity
+from saveit_backup.domain.wal import DEFAULT_SEGMENT_SIZE, WalFileKind, classify_archive_name
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
 

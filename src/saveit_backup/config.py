@@ -163,21 +163,58 @@ def _convert(f: Field, raw: Any, source: str) -> Any:
         raise ConfigError(f"{f.env[0]} ({source}) must be a {f.kind.__name__}, got {shown}") from None
 
 
+# One line of the TOML subset a configuration file usually is: blank, a comment, or ``key = value`` with a
+# bare key and a value that is a string without escapes, a decimal integer or a boolean (see _simple_toml).
+_CTRL = "\\x00-\\x08\\x0a-\\x1f\\x7f"  # control characters TOML forbids in strings and comments (tab is allowed)
+_SIMPLE_LINE = (rf"[ \t]*(?:([A-Za-z0-9_-]+)[ \t]*=[ \t]*"
+                rf"(\"[^\"\\\\{_CTRL}]*\"|'[^'{_CTRL}]*'|true|false|0|[+-]?[1-9][0-9]*)[ \t]*)?(?:#[^{_CTRL}]*)?")
+
+
+def _simple_toml(text: str) -> dict[str, Any] | None:
+    """``text`` parsed when every line is in the subset above (what tomllib would return); None otherwise.
+
+    wal-push and wal-fetch read the configuration once per WAL file, and importing tomllib (with
+    datetime and its regular expressions) costs about 6 ms of each call here; anything beyond the subset,
+    and any error (a repeated key), goes to tomllib, which decides."""
+    import re
+
+    out: dict[str, Any] = {}
+    for line in text.split("\n"):
+        m = re.fullmatch(_SIMPLE_LINE, line.removesuffix("\r"))
+        if m is None:
+            return None
+        key, value = m.group(1), m.group(2)
+        if key is None:
+            continue
+        if key in out:
+            return None
+        out[key] = value[1:-1] if value[0] in "\"'" else value == "true" if value in ("true", "false") else int(value)
+    return out
+
+
+def _read_toml(text: str, path: str) -> dict[str, Any]:
+    simple = _simple_toml(text)
+    if simple is not None:
+        return simple
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
 def load(cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None, config_file: str | None = None) -> Settings:
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {f.name: f.default for f in FIELDS}
     sources = {f.name: "default" for f in FIELDS}
     path = config_file or env.get("BACKUP_CONFIG")
     if path:
-        import tomllib
-
         try:
             with open(path, encoding="utf-8") as fh:
-                data = tomllib.loads(fh.read())
+                data = _read_toml(fh.read(), path)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         for key, raw in data.items():
             if key not in BY_NAME:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}", hint="see 'saveit-backup config show' for the names")

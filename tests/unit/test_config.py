@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,3 +104,57 @@ def test_unknown_file_key_refused(tmp_path: Path) -> None:
 def test_bare_database_names_become_conninfo(given: str, conninfo: str) -> None:
     assert config.as_conninfo(given) == conninfo
     assert config.load({"dbname": given}, environ={}).dbname == conninfo
+
+
+# --- the TOML subset read without tomllib (wal-push reads the configuration once per WAL file) ---------------------
+SIMPLE = [
+    "",
+    "\n\n",
+    'repository = "file:///var/lib/saveit/repo"\n',
+    "# archive settings\nrepository = 'file:///srv/x y'   # literal string\njobs = 4\narchive_async = true\n",
+    'encryption_passphrase = "caf\u00e9 \t tab & #hash inside"\r\nretention_days = 30\r\n',
+    "compression_level = -1\nenabled = false\ns3_prefix = ''\nhttp_port = +9187\n",
+    "key-with_dash = 0\n   indented = \"x\"\t# comment with 'quotes' and \"more\"\n",
+]
+FALLBACK = [  # valid TOML beyond the subset: tomllib parses it
+    'encryption_passphrase = "a\\"quoted\\" word"\n',
+    "encryption_recipients = [\"saveit-pub-a\", \"saveit-pub-b\"]\n",
+    'jobs = 1_000\n',
+    '"quoted key" = 1\n',
+    "[section]\nkey = 1\n",
+    'ratio = 0.5\n',
+    'multi = """x"""\n',
+    'zero = -0\n',
+]
+INVALID = [  # not TOML: tomllib reports it
+    'jobs = 01\n',
+    'a = 1\na = 2\n',
+    'a = "x" trailing\n',
+    'a = "bell\x07"\n',
+    'a = "unterminated\n',
+    "a = True\n",
+]
+
+
+@pytest.mark.parametrize("text", SIMPLE)
+def test_simple_toml_reads_what_tomllib_reads(text: str) -> None:
+    import tomllib
+
+    assert config._simple_toml(text) is not None
+    assert config._simple_toml(text) == tomllib.loads(text)
+
+
+@pytest.mark.parametrize("text", FALLBACK + INVALID)
+def test_anything_else_goes_to_tomllib(text: str) -> None:
+    import tomllib
+
+    assert config._simple_toml(text) is None
+    try:
+        expected: dict[str, Any] | None = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ConfigError, match="not valid TOML"):
+            config._read_toml(text, "f.toml")
+    else:
+        assert config._read_toml(text, "f.toml") == expected

@@ -179,8 +179,8 @@ def _simple_toml(text: str) -> dict[str, Any] | None:
     import re
 
     out: dict[str, Any] = {}
-    for line in text.split("\n"):
-        m = re.fullmatch(_SIMPLE_LINE, line.removesuffix("\r"))
+    for line in text.replace("\r\n", "\n").split("\n"):  # as tomllib: only CRLF is a line end, a lone CR is not
+        m = re.fullmatch(_SIMPLE_LINE, line)
         if m is None:
             return None
         key, value = m.group(1), m.group(2)
@@ -188,7 +188,14 @@ def _simple_toml(text: str) -> dict[str, Any] | None:
             continue
         if key in out:
             return None
-        out[key] = value[1:-1] if value[0] in "\"'" else value == "true" if value in ("true", "false") else int(value)
+        if value[0] in "\"'":
+            out[key] = value[1:-1]
+        elif value in ("true", "false"):
+            out[key] = value == "true"
+        elif len(value) > 20:  # beyond 64 bits (and int()'s digit limit): tomllib reports it
+            return None
+        else:
+            out[key] = int(value)
     return out
 
 
@@ -200,7 +207,7 @@ def _read_toml(text: str, path: str) -> dict[str, Any]:
 
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer of more digits than int() converts
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 

@@ -152,8 +152,8 @@ def acknowledged(args: SimpleNamespace | None, environ: dict[str, str] | os._Env
     pushed, now or while this call waits for the running worker: consume the ack, done.
 
     PostgreSQL's common case in async mode, answered before the configuration and the CLI load.
-    Not done whenever anything needs them (no ``--async`` nor BACKUP_ARCHIVE_ASYNC, a config file
-    that sets the spool or async mode, --verbose, arguments quick_args could not parse, no worker
+    Not done whenever anything needs them (no ``--async`` nor BACKUP_ARCHIVE_ASYNC, see
+    ``wal_args.async_requested``; a config file that sets the spool, --verbose, arguments quick_args could not parse, no worker
     running, a dropped or failed file, ``--timeout`` passed): the caller then runs the full
     ``wal-push``, which decides and reports.
     """

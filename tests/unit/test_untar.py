@@ -205,3 +205,13 @@ def test_clashing_members_refused(tmp_path: Path) -> None:
                                  [("file", "global", b"x"), ("dir", "global", b"")]]):
         with pytest.raises(IntegrityError):
             _extract(_tar(members), tmp_path / f"t{n}")
+
+
+def test_pax_size_overrides_the_header_size(tmp_path: Path) -> None:
+    """Files over 8 GiB carry their size in a pax record: the data length is the record's, not the header field's."""
+    info = tarfile.TarInfo("big")
+    info.size = 0  # what a writer puts in the ustar field when the size does not fit
+    member = info.tobuf(tarfile.USTAR_FORMAT) + b"abc" + bytes(509)
+    archive = _pax(b"10 size=3\n", member) + bytes(1024)
+    assert _extract(archive, tmp_path / "t") == (1, 3)
+    assert (tmp_path / "t" / "big").read_bytes() == b"abc"

@@ -25,7 +25,10 @@ In the same run, interleaved round-robin (``bench/common.py``), medians over ``-
   once per segment in name order and renames ``.ready`` to ``.done`` after each success, as
   PostgreSQL's archiver does: ``saveit-backup wal-push`` and ``pgbackrest archive-push``, sync and
   async (``wal-push --async``; ``archive-push --archive-async --process-max=2``, spool path), and
-  ``saveit-wal-push --async``, the native async client that answers without starting Python.
+  ``saveit-wal-push --async``, the native async client that answers without starting Python; and
+  both sync pushes encrypted (pgBackRest ``aes-256-cbc``, saveit a passphrase). saveit's settings
+  are in a TOML file (``BACKUP_CONFIG``, plus ``BACKUP_SPOOL_DIR`` for async), as the README's
+  ``archive_command`` has them and as pgBackRest reads its config file.
   The driver is a child subreaper, so detached async workers stay in the measured process tree.
 * cold start: ``--coldstart-runs`` single pushes of one segment for each tool, alternating.
 
@@ -152,6 +155,19 @@ class Bench:
             env["BACKUP_COMPRESSION_LEVEL"] = "3"
         if encrypted:
             env["BACKUP_ENCRYPTION_PASSPHRASE"] = PASSPHRASE
+        return env
+
+    def saveit_push_env(self, name: str, repo: Path, encrypted: bool = False, spool: Path | None = None) -> dict[str, str]:
+        """The environment of a WAL push as the README's archive_command has it: the settings in a TOML file
+        (``BACKUP_CONFIG``, as pgBackRest reads its own config file), ``BACKUP_SPOOL_DIR`` for async."""
+        lines = [f'repository = "file://{repo}"', 'compression = "zstd"', "compression_level = 3", "jobs = 2",
+                 f'key_cache_dir = "{repo.parent / "keys"}"']
+        if encrypted:
+            lines.append(f'encryption_passphrase = "{PASSPHRASE}"')
+        config = self.base / f"push-{name}.toml"
+        config.write_text("\n".join(lines) + "\n")
+        env = clean_env(BACKUP_CONFIG=str(config), **({"BACKUP_SPOOL_DIR": str(spool)} if spool else {}))
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         return env
 
     def pgbr(self, *args: str, conf: Path | None = None) -> list[str]:
@@ -345,14 +361,14 @@ class Bench:
             rm(work)
             return {"seg_s": count / loop, "loop": loop, "stored": stored}
 
+        tag = f"{mode}{'-enc' if encrypted else ''}"
         if tool == "saveit" and mode == "native":  # the native async client (setup.py builds it next to CLI)
             cmd = [str(Path(CLI).parent / "saveit-wal-push"), "--async"]
-            env = self.saveit_env(work / "repo", BACKUP_SPOOL_DIR=str(work / "spool"))
+            env = self.saveit_push_env(tag, work / "repo", spool=work / "spool")
             main = "saveit-wal-push"
         elif tool == "saveit":
             cmd = [CLI, "wal-push", *(["--async"] if mode == "async" else [])]
-            env = self.saveit_env(work / "repo", encrypted=encrypted, BACKUP_SPOOL_DIR=str(work / "spool"),
-                                  BACKUP_KEY_CACHE_DIR=str(work / "keys"))
+            env = self.saveit_push_env(tag, work / "repo", encrypted, spool=work / "spool" if mode == "async" else None)
             main = "saveit-backup"
         else:
             cmd = self.pgbr("archive-push", *(["--archive-async"] if mode == "async" else []), conf=work / "pgbackrest.conf")
@@ -369,7 +385,7 @@ class Bench:
         self.write_pgbr_conf(conf, work / "pgbr_repo")
         subprocess.run(self.pgbr("stanza-create", conf=conf), check=True, capture_output=True)
         names = sorted(os.listdir(segments))[: runs + 1]
-        ours = Contender("saveit-backup wal-push", lambda r: [], self.saveit_env(work / "repo"), "saveit-backup")
+        ours = Contender("saveit-backup wal-push", lambda r: [], self.saveit_push_env("cold", work / "repo"), "saveit-backup")
         theirs = Contender("pgbackrest archive-push", lambda r: [], clean_env(), "pgbackrest")
         results = {c.name: Result(c) for c in (theirs, ours)}
         for i, seg in enumerate(names):

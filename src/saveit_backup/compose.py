@@ -48,7 +48,7 @@ def build_storage(settings: Settings, serial: bool = False) -> Storage:
 
 def build_keyring(settings: Settings) -> Keyring:
     cache_dir = None
-    if settings.encryption_passphrase:  # kek_cache loads hashlib: only then (wal-push's start)
+    if settings.encryption_passphrase:  # only passphrase slots derive a key to cache (an unencrypted wal-push loads nothing more)
         from saveit_backup.pipeline import kek_cache
 
         cache_dir = kek_cache.resolve(settings.key_cache_dir)

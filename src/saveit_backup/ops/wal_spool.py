@@ -132,8 +132,6 @@ def write_atomic(path: str, text: str) -> None:
 
 
 # --- client: wal-push --async -----------------------------------------------------------
-
-
 class FastAck:
     """What ``acknowledged`` found: ``done`` (the worker pushed the file: exit 0 now), else, after a
     cheap wait for a running worker, when that wait began (``time.monotonic()``): the full wal-push
@@ -152,10 +150,10 @@ def acknowledged(args: SimpleNamespace | None, environ: dict[str, str] | os._Env
     pushed, now or while this call waits for the running worker: consume the ack, done.
 
     PostgreSQL's common case in async mode, answered before the configuration and the CLI load.
-    Not done whenever anything needs them (no ``--async`` nor BACKUP_ARCHIVE_ASYNC, see
-    ``wal_args.async_requested``; a config file that sets the spool, --verbose, arguments quick_args could not parse, no worker
-    running, a dropped or failed file, ``--timeout`` passed): the caller then runs the full
-    ``wal-push``, which decides and reports.
+    Not done whenever anything needs them (``wal_args.async_requested`` says no: no ``--async`` nor
+    BACKUP_ARCHIVE_ASYNC, --verbose, arguments quick_args could not parse; a config file that sets the
+    spool; no worker running, a dropped or failed file, ``--timeout`` passed): the caller then runs
+    the full ``wal-push``, which decides and reports.
     """
     if args is None or not async_requested(args, environ):  # async set only in a config file: the full wal-push
         return FastAck(False)

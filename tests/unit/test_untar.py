@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -105,9 +107,63 @@ def test_special_members_refused(tmp_path: Path, kind: str, what: str) -> None:
         _extract(_tar([("file", "a", b"x"), (kind, "b", "a")]), tmp_path / "t")
 
 
-def test_duplicate_member_refused(tmp_path: Path) -> None:
-    with pytest.raises(IntegrityError, match="appears twice"):
-        _extract(_tar([("file", "a", b"x"), ("file", "a", b"y")]), tmp_path / "t")
+@pytest.mark.parametrize("members", [
+    [("file", "a", b"x"), ("file", "a", b"y")],
+    [("file", "a", b"x"), ("dir", "a", b"")],
+    [("dir", "a", b""), ("file", "a", b"x")],
+    [("file", "a/b", b"x"), ("link", "a", "elsewhere")],
+    [("file", "a", b"x"), ("file", "a/b", b"y")],  # a file of the archive in the path of another member
+    [("file", "a", b"x"), ("link", "a", "elsewhere")],
+])
+def test_name_clashes_refused(tmp_path: Path, members: list[tuple[str, str, bytes | str]]) -> None:
+    """Small files are written by a helper thread, maybe after the next member is read: clashes are
+    found from the names the archive made, not from the disk."""
+    with pytest.raises(IntegrityError, match=r"appears twice|under a file"):
+        _extract(_tar(members), tmp_path / "t")
+
+
+def test_a_helpers_failure_is_raised_after_every_helper_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[str] = []
+    real = untar._write_small
+
+    def failing(dest: str, data: bytearray, mtime: float) -> None:
+        if dest.endswith("/f3"):
+            raise OSError(28, "No space left on device")
+        real(dest, data, mtime)
+        written.append(os.path.basename(dest))
+
+    monkeypatch.setattr(untar, "_write_small", failing)
+    members: list[tuple[str, str, bytes | str]] = [("file", f"f{n}", b"x" * n) for n in range(8)]
+    with pytest.raises(OSError, match="No space left"):
+        _extract(_tar(members), tmp_path / "t")
+    assert set(written) >= {"f0", "f1", "f2"} and "f3" not in written
+    assert not [t for t in threading.enumerate() if t.name.startswith("untar-small")]  # nothing still being written
+
+
+def test_small_files_wait_within_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The extracting thread reads ahead of the helper by at most SMALL_BUDGET bytes (or one file)."""
+    monkeypatch.setattr(untar, "SMALL_BUDGET", 3000)
+    peak = 0
+    real_submit = untar._SmallFiles.submit
+
+    def submit(self: untar._SmallFiles, name: str, dest: str, data: bytearray, mtime: float) -> None:
+        nonlocal peak
+        real_submit(self, name, dest, data, mtime)
+        with self.cond:
+            peak = max(peak, self.waiting)
+
+    real_write = untar._write_small
+
+    def slow(dest: str, data: bytearray, mtime: float) -> None:
+        time.sleep(0.01)
+        real_write(dest, data, mtime)
+
+    monkeypatch.setattr(untar._SmallFiles, "submit", submit)
+    monkeypatch.setattr(untar, "_write_small", slow)
+    contents = [_pattern(1000, n) for n in range(12)]
+    assert _extract(_tar([("file", f"f{n}", c) for n, c in enumerate(contents)]), tmp_path / "t") == (12, 12_000)
+    assert 1000 <= peak <= 3000
+    assert [(tmp_path / "t" / f"f{n}").read_bytes() for n in range(12)] == contents
 
 
 def test_cut_archive_and_damaged_header(tmp_path: Path) -> None:

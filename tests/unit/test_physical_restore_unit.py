@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import pytest
 
 from saveit_backup.errors import IntegrityError, NotFound
 from saveit_backup.ops import physical_restore
-from saveit_backup.ops.physical_restore import FILE_COST_BYTES, _costliest_first
+from saveit_backup.ops.physical_restore import FILE_COST_BYTES, _costliest_first, _Schedule
 from saveit_backup.pipeline import direct_io
 from saveit_backup.pipeline.envelope import EncodeOptions
 from saveit_backup.repo import layout
@@ -38,6 +39,61 @@ def _obj(name: str, *sizes: int) -> tuple[tuple[str, str], list[dict[str, Any]]]
 ])
 def test_costliest_objects_start_first(objects: list[Any], expected: list[str]) -> None:
     assert [name for (_, name), _ in sorted(objects, key=_costliest_first)] == expected
+
+
+def _sched_names(schedule: _Schedule) -> list[str]:
+    out = []
+    while (item := schedule.next()) is not None:
+        out.append(item[0][1])
+    return out
+
+
+def test_packs_go_first_while_the_small_file_helper_has_room() -> None:
+    objects = [_obj("f1", 1024 * MiB), _obj("p1", *[20_000] * 650), _obj("f2", 269 * MiB), _obj("p2", *[10_000] * 300)]
+    assert _sched_names(_Schedule(objects, lambda n: True)) == ["p1", "p2", "f1", "f2"]
+    # no room: the files of their own first, the packs when nothing else is left (their submit waits then)
+    assert _sched_names(_Schedule(objects, lambda n: False)) == ["f1", "f2", "p1", "p2"]
+    # room for the smaller pack only: it is not taken out of order, the costliest pack waits for room
+    assert _sched_names(_Schedule(objects, lambda n: n <= 3_000_000)) == ["f1", "f2", "p1", "p2"]
+    # no helper (delta restores): costliest first, as test_costliest_objects_start_first
+    assert _sched_names(_Schedule(objects, None)) == ["f1", "f2", "p1", "p2"]
+    schedule = _Schedule(objects, lambda n: True)
+    assert schedule.next() is not None
+    schedule.stop()  # a thread failed: the others take nothing more
+    assert schedule.next() is None
+
+
+def _pack_writer(tmp_path: Path, files: list[tuple[str, bytes]], damaged: str = "") -> tuple[Any, list[dict[str, Any]]]:
+    repo = Repository(MemoryStorage())
+    repo.init()
+    repo.put_object(layout.object_key("B1", "p000001"), [b"".join(data for _, data in files)], EncodeOptions())
+    entries, offset = [], 0
+    for n, (path, data) in enumerate(files):
+        recorded = data + b"!" if path == damaged else data
+        entries.append({"path": path, "size": len(data), "offset": offset, "mode": 0o600 if n % 2 else 0o640,
+                        "mtime": 1_700_000_000 + n, "digest": "blake3:" + blake3.blake3(recorded).hexdigest()})
+        offset += len(data)
+    (tmp_path / "base/1").mkdir(parents=True)
+    return physical_restore.Writer(repo, SimpleNamespace(id="B1", physical={}), tmp_path, {}, False), entries  # type: ignore[arg-type]
+
+
+def test_a_pack_is_written_by_the_small_file_helper_and_checked_first(tmp_path: Path) -> None:
+    files = [(f"base/1/{n}", random.Random(n).randbytes(n * 100)) for n in range(6)]
+    writer, entries = _pack_writer(tmp_path / "ok", files)
+    try:
+        assert writer.restore_object("p000001", entries, "B1") == sum(len(d) for _, d in files)
+    finally:
+        writer.small.close()
+    writer.small.check()
+    for e, (path, data) in zip(entries, files, strict=True):
+        st = (tmp_path / "ok" / path).stat()
+        assert (tmp_path / "ok" / path).read_bytes() == data
+        assert (st.st_mode & 0o777, st.st_mtime) == (e["mode"], e["mtime"])
+    writer, entries = _pack_writer(tmp_path / "bad", files, damaged="base/1/3")
+    with pytest.raises(IntegrityError, match="base/1/3 differs from the manifest"):
+        writer.restore_object("p000001", entries, "B1")
+    writer.small.close()
+    assert sorted(os.listdir(tmp_path / "bad/base/1")) == ["0", "1", "2"]  # checked before it is handed over
 
 
 # --- Writer.restore_object: a file stored alone, written directly or through the page cache ---------------------

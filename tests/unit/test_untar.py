@@ -6,13 +6,12 @@ import io
 import os
 import tarfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from saveit_backup.errors import IntegrityError
-from saveit_backup.pipeline import direct_io, untar
+from saveit_backup.pipeline import direct_io, small_files, untar
 from saveit_backup.pipeline.direct_io import DirectFiles
 
 BUF = 64 << 10
@@ -124,46 +123,20 @@ def test_name_clashes_refused(tmp_path: Path, members: list[tuple[str, str, byte
 
 def test_a_helpers_failure_is_raised_after_every_helper_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[str] = []
-    real = untar._write_small
+    real = small_files.write_file
 
-    def failing(dest: str, data: bytearray, mtime: float) -> None:
-        if dest.endswith("/f3"):
+    def failing(path: str, data: small_files.Data, mode: int, mtime: float | None, exclusive: bool) -> None:
+        if path.endswith("/f3"):
             raise OSError(28, "No space left on device")
-        real(dest, data, mtime)
-        written.append(os.path.basename(dest))
+        real(path, data, mode, mtime, exclusive)
+        written.append(os.path.basename(path))
 
-    monkeypatch.setattr(untar, "_write_small", failing)
+    monkeypatch.setattr(small_files, "write_file", failing)
     members: list[tuple[str, str, bytes | str]] = [("file", f"f{n}", b"x" * n) for n in range(8)]
     with pytest.raises(OSError, match="No space left"):
         _extract(_tar(members), tmp_path / "t")
-    assert set(written) >= {"f0", "f1", "f2"} and "f3" not in written
-    assert not [t for t in threading.enumerate() if t.name.startswith("untar-small")]  # nothing still being written
-
-
-def test_small_files_wait_within_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The extracting thread reads ahead of the helper by at most SMALL_BUDGET bytes (or one file)."""
-    monkeypatch.setattr(untar, "SMALL_BUDGET", 3000)
-    peak = 0
-    real_submit = untar._SmallFiles.submit
-
-    def submit(self: untar._SmallFiles, name: str, dest: str, data: bytearray, mtime: float) -> None:
-        nonlocal peak
-        real_submit(self, name, dest, data, mtime)
-        with self.cond:
-            peak = max(peak, self.waiting)
-
-    real_write = untar._write_small
-
-    def slow(dest: str, data: bytearray, mtime: float) -> None:
-        time.sleep(0.01)
-        real_write(dest, data, mtime)
-
-    monkeypatch.setattr(untar._SmallFiles, "submit", submit)
-    monkeypatch.setattr(untar, "_write_small", slow)
-    contents = [_pattern(1000, n) for n in range(12)]
-    assert _extract(_tar([("file", f"f{n}", c) for n, c in enumerate(contents)]), tmp_path / "t") == (12, 12_000)
-    assert 1000 <= peak <= 3000
-    assert [(tmp_path / "t" / f"f{n}").read_bytes() for n in range(12)] == contents
+    assert written == ["f0", "f1", "f2"]  # in order; nothing after the failure
+    assert not [t for t in threading.enumerate() if t.name.startswith("small-files")]  # nothing still being written
 
 
 def test_cut_archive_and_damaged_header(tmp_path: Path) -> None:

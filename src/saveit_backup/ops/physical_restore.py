@@ -5,8 +5,9 @@ ends before the target, ``domain/pitr.choose_backup``); files of a diff/incr cha
 one pass each, base and block deltas stream-merged (``ops/incremental.py``); a remote-mode chain is
 rebuilt in one pass over its tars, newest first (``ops/native_combine.py``); check the target
 directory (empty, or ``--force``; never a running server's); restore files in parallel from their
-objects, costliest first (packs are sliced, every file's digest is checked against the manifest;
-files of ``DIRECT_MIN`` and more are written with O_DIRECT: no dirty pages left at the end), re-create
+objects, costliest first (packs are sliced, every file's digest is checked against the manifest, and
+their files are created by a helper thread while the big files are written, ``_Schedule``; files of
+``DIRECT_MIN`` and more are written with O_DIRECT: no dirty pages left at the end), re-create
 directories, tablespace links (to the original location, or ``<target>.tblspc/<oid>`` when that is
 not empty) and the backup's own WAL in ``pg_wal``; write ``backup_label``/``tablespace_map``,
 ``recovery.signal`` and the recovery settings in ``postgresql.auto.conf``. ``restore_command`` calls
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,6 +51,7 @@ from saveit_backup.pg.conn import find_tool
 from saveit_backup.pipeline import digests, untar
 from saveit_backup.pipeline.compress import ChunkReader
 from saveit_backup.pipeline.direct_io import BUFFER_SIZE, DirectFiles
+from saveit_backup.pipeline.small_files import SmallFiles
 from saveit_backup.pipeline.threads import read_ahead
 from saveit_backup.repo import layout
 from saveit_backup.repo.repository import Repository
@@ -256,6 +258,9 @@ class Writer:
         self.lock = threading.Lock()
         self.open_lock = threading.Lock()
         self.direct = DirectFiles()  # files of DIRECT_MIN and more skip the page cache (pipeline/direct_io.py)
+        # Files of packs are created by a helper thread beside the big files (pipeline/small_files.py); a delta
+        # restore writes them itself (it compares files in place, and may rewrite one through a link it finds).
+        self.small = None if delta else SmallFiles()
 
     def dest(self, path: str) -> Path:
         parts = path.split("/")
@@ -297,11 +302,14 @@ class Writer:
             with open(fd, "wb") as out:
                 self._finish(out, entry, self.direct.write(fd, plain.readinto, h.update), h)
 
-    def _finish(self, out: BinaryIO, entry: dict[str, Any], size: int, h: digests.Hasher) -> None:
-        """Check a written file against the manifest, then set its mode and times."""
+    def _verify(self, entry: dict[str, Any], size: int, h: digests.Hasher) -> None:
         if size != entry["size"] or not digests.matches(h, digests.recorded(entry)):
             raise IntegrityError(f"backup {self.manifest.id}: restored {entry['path']} differs from the manifest "
                                  f"({size} bytes, expected {entry['size']})")
+
+    def _finish(self, out: BinaryIO, entry: dict[str, Any], size: int, h: digests.Hasher) -> None:
+        """Check a written file against the manifest, then set its mode and times."""
+        self._verify(entry, size, h)
         out.flush()  # before the times are set; by descriptor: no second and third path lookup
         os.fchmod(out.fileno(), entry.get("mode", 0o600) & 0o777)
         if entry.get("mtime"):
@@ -314,12 +322,19 @@ class Writer:
             self.skipped += len(entries) - len(todo)
         if not todo:
             return 0
-        if len(entries) == 1 and entries[0]["offset"] == 0 and (name.startswith("f") or entries[0].get("own")):
+        if _own_object(name, entries):
             self._write_object(entries[0], key)
             return int(entries[0]["size"])
         pack = memoryview(b"".join(self.repo.read_object(key)))
         for e in todo:
-            self._write(e, [pack[e["offset"] : e["offset"] + e["size"]]])
+            piece = pack[e["offset"] : e["offset"] + e["size"]]
+            if self.small is None:
+                self._write(e, [piece])
+                continue
+            h = digests.like(digests.recorded(e))
+            h.update(piece)
+            self._verify(e, len(piece), h)
+            self.small.submit(str(self.dest(e["path"])), piece, e.get("mode", 0o600) & 0o777, e.get("mtime") or None, e["path"])
         return sum(int(e["size"]) for e in todo)
 
     def restore_empty(self, entry: dict[str, Any]) -> None:
@@ -385,20 +400,67 @@ def restore_files(repo: Repository, manifest: Manifest, target: Path, spaces: di
     (target / "pg_wal").mkdir(exist_ok=True)
     for f in empty:
         writer.restore_empty(f)
+    schedule = _Schedule(list(by_object.items()), writer.small.room_for if writer.small else None)
+
+    def objects() -> int:
+        done = 0
+        try:
+            while (item := schedule.next()) is not None:
+                done += writer.restore_object(item[0][1], item[1], item[0][0])
+        except BaseException:
+            schedule.stop()
+            raise
+        return done
+
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="restore") as pool:
-            sizes = list(pool.map(lambda item: writer.restore_object(item[0][1], item[1], item[0][0]),
-                                  sorted(by_object.items(), key=_costliest_first)))
+            sizes = [f.result() for f in [pool.submit(objects) for _ in range(max(1, jobs))]]
             sizes += list(pool.map(lambda f: writer.restore_merged(cache, f), merged))
             list(pool.map(writer.restore_wal, wal))
     finally:
         writer.direct.close()
+        if writer.small:
+            writer.small.close()
+    if writer.small:
+        writer.small.check()
     report.files = sum(len(v) for v in by_object.values()) + len(merged) + len(empty)
     report.bytes = sum(sizes)
     report.skipped = writer.skipped
 
 
-def _costliest_first(item: tuple[tuple[str, str], list[dict[str, Any]]]) -> tuple[int, str, str]:
+ObjectItem = tuple[tuple[str, str], list[dict[str, Any]]]  # ((backup, object name), its files to restore)
+
+
+def _own_object(name: str, entries: list[dict[str, Any]]) -> bool:
+    """An object holding one whole file (written from the object's stream), not a pack of several."""
+    return len(entries) == 1 and entries[0]["offset"] == 0 and (name.startswith("f") or bool(entries[0].get("own")))
+
+
+class _Schedule:
+    """Which object a restoring thread takes next.  With a small-file helper (``room``: whether it can queue
+    that many bytes now), a pack while the helper has room for it, so that its files are created while
+    the big files are written, else the costliest file of its own, else a pack (waiting for room).
+    Without one, costliest first.  After ``stop`` (a thread failed) nothing more."""
+
+    def __init__(self, items: list[ObjectItem], room: Callable[[int], bool] | None) -> None:
+        ordered = sorted(items, key=_costliest_first)
+        self.room = room
+        self.packs = [] if room is None else [i for i in ordered if not _own_object(i[0][1], i[1])]
+        self.others = [i for i in ordered if room is None or _own_object(i[0][1], i[1])]
+        self.lock = threading.Lock()
+
+    def next(self) -> ObjectItem | None:
+        with self.lock:
+            if self.packs and (not self.others or (self.room and self.room(sum(int(e["size"]) for e in self.packs[0][1])))):
+                return self.packs.pop(0)
+            return self.others.pop(0) if self.others else None
+
+    def stop(self) -> None:
+        with self.lock:
+            self.packs, self.others = [], []
+
+
+def _costliest_first(item: ObjectItem) -> tuple[int, str, str]:
     """Objects by estimated cost, costliest first, then by name: the longest tasks start first, so no
     thread is left working alone at the end.  A file costs its bytes plus ``FILE_COST_BYTES``."""
     (backup, name), entries = item

@@ -13,10 +13,9 @@ Contract of ``extract(raw, target, what, direct)``:
 * Files of ``DIRECT_MIN`` bytes and more are written through ``direct`` (``direct_io.DirectFiles``:
   filled by ``raw`` in its aligned buffers, written by its helper thread, so decompressing and writing
   overlap, and the page cache is left alone); smaller ones are read into memory and written through
-  the page cache by ``SMALL_WRITERS`` helper threads (at most ``SMALL_BUDGET`` bytes waiting), so that
-  creating them overlaps the decompression of what follows.  Files are created 0600 and directories
-  0700 (PostgreSQL's modes); mtimes are the archive's.  When ``extract`` returns or raises, every
-  helper has finished.
+  the page cache by a helper thread (``small_files.SmallFiles``), so that creating them overlaps the
+  decompression of what follows.  Files are created 0600 and directories 0700 (PostgreSQL's modes);
+  mtimes are the archive's.  When ``extract`` returns or raises, every helper has finished.
 * Returns (regular files, their bytes).
 """
 
@@ -25,21 +24,17 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from saveit_backup.errors import IntegrityError
+from saveit_backup.pipeline import small_files
 from saveit_backup.pipeline.direct_io import BUFFER_SIZE, DirectFiles
+from saveit_backup.pipeline.small_files import SmallFiles
 
 BLOCK = 512
 DIRECT_MIN = BUFFER_SIZE  # smaller files through the page cache: one padded direct write overlaps nothing
 COPY_PIECE = 1 << 20
 EXTENDED_MAX = 1 << 20  # pax and GNU long-name headers: a name, not data
-# Creating a small file costs more than its bytes here (0.4-0.8 ms: ext4 searching past recently
-# deleted inodes), so small files are written beside the decompression, which keeps one core busy.
-SMALL_WRITERS = 2
-SMALL_BUDGET = 16 << 20
 _ZERO_BLOCK = bytes(BLOCK)
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
@@ -127,55 +122,16 @@ def _member_path(name: str, what: str) -> str:
     return "/".join(p for p in parts if p not in ("", "."))
 
 
-class _SmallFiles:
-    """Small files written by helper threads, in the order given; the first failure is kept for ``check``."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.pool = ThreadPoolExecutor(SMALL_WRITERS, thread_name_prefix="untar-small")
-        self.cond = threading.Condition()
-        self.waiting = 0  # bytes handed over, not yet written
-        self.failed: tuple[str, BaseException] | None = None
-
-    def submit(self, name: str, dest: str, data: bytearray, mtime: float) -> None:
-        with self.cond:
-            while self.waiting and self.waiting + len(data) > SMALL_BUDGET and self.failed is None:
-                self.cond.wait()
-            self.waiting += len(data)
-        self.check()
-        self.pool.submit(self._write, name, dest, data, mtime)
-
-    def _write(self, name: str, dest: str, data: bytearray, mtime: float) -> None:
-        try:
-            if self.failed is None:
-                _write_small(dest, data, mtime)
-        except BaseException as exc:  # reported to the extracting thread by check()
-            with self.cond:
-                self.failed = self.failed or (name, exc)
-        finally:
-            with self.cond:
-                self.waiting -= len(data)
-                self.cond.notify_all()
-
-    def check(self) -> None:
-        """Raise the first failure of a helper (name clashes as ``IntegrityError``, as ``extract`` does)."""
-        if self.failed is None:
-            return
-        name, exc = self.failed
-        if isinstance(exc, _CLASHES):
-            raise IntegrityError(f"{self.what}: cannot extract {name!r} from the archive: {exc}") from None
-        raise exc
-
-    def close(self) -> None:
-        """Wait for every helper (nothing is written after this returns)."""
-        self.pool.shutdown(wait=True)
-
-
 _CLASHES = (ValueError, FileExistsError, NotADirectoryError, IsADirectoryError)  # NUL in a name, a name used as file and directory
 
 
 def extract(raw: io.RawIOBase, target: str, what: str, direct: DirectFiles) -> tuple[int, int]:
-    small = _SmallFiles(what)
+    def clash(name: str, exc: BaseException) -> BaseException:
+        if isinstance(exc, _CLASHES):
+            return IntegrityError(f"{what}: cannot extract {name!r} from the archive: {exc}")
+        return exc
+
+    small = SmallFiles(exclusive=True, translate=clash)
     try:
         result = _extract(_Source(raw, what), os.path.realpath(target), what, direct, small)
     finally:
@@ -184,7 +140,7 @@ def extract(raw: io.RawIOBase, target: str, what: str, direct: DirectFiles) -> t
     return result
 
 
-def _extract(src: _Source, root: str, what: str, direct: DirectFiles, small: _SmallFiles) -> tuple[int, int]:
+def _extract(src: _Source, root: str, what: str, direct: DirectFiles, small: SmallFiles) -> tuple[int, int]:
     made = _Made(root)
     files = total = 0
     global_pax: dict[str, str] = {}
@@ -249,7 +205,7 @@ class _Made:
 
 
 def _extract_member(src: _Source, root: str, name: str, info: tarfile.TarInfo, linkname: str, size: int, made: _Made,
-                    direct: DirectFiles, small: _SmallFiles, what: str) -> bool:
+                    direct: DirectFiles, small: SmallFiles, what: str) -> bool:
     """One member (see the module contract); True for a regular file.  Like tarfile, only regular files
     have data in the archive."""
     parts = name.split("/") if name else []
@@ -276,7 +232,7 @@ def _extract_member(src: _Source, root: str, name: str, info: tarfile.TarInfo, l
         return False
     made.files.add(name)
     if size < DIRECT_MIN:
-        small.submit(name, dest, src.exact(size), info.mtime)
+        small.submit(dest, src.exact(size), mtime=info.mtime, label=name)
     else:
         _write_big(src, dest, size, info.mtime, direct)
     src.skip(-size % BLOCK)
@@ -308,31 +264,11 @@ def _write_big(src: _Source, dest: str, size: int, mtime: float, direct: DirectF
         finally:
             os.close(fd)
         return
-    fd = _create(dest, exclusive=False)  # where O_DIRECT is refused, the kernel created the file before refusing the flag
+    fd = small_files.create(dest, exclusive=False)  # where O_DIRECT is refused, the kernel created the file before refusing the flag
     try:
         readinto = src.limited(size)
         while n := readinto(src.piece):
-            _write_all(fd, src.piece[:n])
-        os.utime(fd, (mtime, mtime))
-    finally:
-        os.close(fd)
-
-
-def _create(dest: str, exclusive: bool = True) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
-    return os.open(dest, flags, 0o600)
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _write_small(dest: str, data: bytearray, mtime: float) -> None:
-    """A new file ``dest`` holding ``data`` (``extract`` checked that the archive made nothing there)."""
-    fd = _create(dest)
-    try:
-        _write_all(fd, memoryview(data))
+            small_files.write_all(fd, src.piece[:n])
         os.utime(fd, (mtime, mtime))
     finally:
         os.close(fd)

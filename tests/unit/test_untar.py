@@ -121,6 +121,20 @@ def test_name_clashes_refused(tmp_path: Path, members: list[tuple[str, str, byte
         _extract(_tar(members), tmp_path / "t")
 
 
+@pytest.mark.parametrize("size", [10, 2 * BUF])
+def test_never_written_through_a_link_already_there(tmp_path: Path, size: int) -> None:
+    """A link the archive did not make (on a case-folding disk, ``A`` for a member ``a``): small files and
+    direct writes alike create their file exclusively, never through it."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "a").symlink_to(victim)
+    with pytest.raises(IntegrityError, match="cannot extract 'a'"):
+        _extract(_tar([("file", "a", _pattern(size, 1))]), target)
+    assert victim.read_bytes() == b"keep"
+
+
 def test_a_helpers_failure_is_raised_after_every_helper_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[str] = []
     real = small_files.write_file
@@ -163,9 +177,10 @@ def test_direct_writes_used_for_big_files(tmp_path: Path, monkeypatch: pytest.Mo
     opened: list[str] = []
     real_open = DirectFiles.open
 
-    def spy(self: DirectFiles, path: str) -> int | None:
+    def spy(self: DirectFiles, path: str, exclusive: bool = False) -> int | None:
         opened.append(os.path.basename(path))
-        return real_open(self, path)
+        assert exclusive  # a new file, never through a link
+        return real_open(self, path, exclusive)
 
     monkeypatch.setattr(DirectFiles, "open", spy)
     big = _pattern(BUF + 1, 5)
@@ -188,7 +203,7 @@ def test_data_after_the_end_or_a_zeroed_header_refused(tmp_path: Path) -> None:
 def test_o_direct_refused_after_the_file_was_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Linux creates the file before refusing O_DIRECT (EINVAL): the page-cache path writes it all the same."""
 
-    def refused(self: DirectFiles, path: str) -> int | None:
+    def refused(self: DirectFiles, path: str, exclusive: bool = False) -> int | None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         self.supported = False
         return None

@@ -414,7 +414,11 @@ def restore_files(repo: Repository, manifest: Manifest, target: Path, spaces: di
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="restore") as pool:
-            sizes = [f.result() for f in [pool.submit(objects) for _ in range(max(1, jobs))]]
+            try:
+                sizes = [f.result() for f in [pool.submit(objects) for _ in range(max(1, jobs))]]
+            except BaseException:  # an interrupt: the threads take nothing more
+                schedule.stop()
+                raise
             sizes += list(pool.map(lambda f: writer.restore_merged(cache, f), merged))
             list(pool.map(writer.restore_wal, wal))
     finally:

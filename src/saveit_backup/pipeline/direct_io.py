@@ -7,7 +7,8 @@ cache alone, and no dirty data is left when the restore ends (pgBackRest fsyncs 
 and the device's cache are synced by PostgreSQL's start-up sync of the data directory, as before).
 
 Contract of ``DirectFiles``:
-* ``open(path)`` creates (or truncates) ``path`` for direct writes, mode 0600; ``None`` where the file
+* ``open(path, exclusive)`` creates (or truncates) ``path`` for direct writes, mode 0600; with
+  ``exclusive``, only a new file, never through a symbolic link (O_EXCL).  ``None`` where the file
   system refuses O_DIRECT (the caller writes through the cache then, and so do later calls).
 * ``write(fd, readinto, update)`` fills buffers with ``readinto`` (a raw file's: 0 at the end; a zstd
   reader decompresses straight into them), passes each filled piece to ``update`` (the digest), writes
@@ -48,11 +49,12 @@ class DirectFiles:
         self._all: list[_Buffers] = []
         self._lock = threading.Lock()
 
-    def open(self, path: str) -> int | None:
+    def open(self, path: str, exclusive: bool = False) -> int | None:
         if not self.supported:
             return None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT | (os.O_EXCL | os.O_NOFOLLOW if exclusive else 0)
         try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_DIRECT, 0o600)
+            return os.open(path, flags, 0o600)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise

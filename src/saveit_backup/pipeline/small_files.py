@@ -44,9 +44,15 @@ class SmallFiles:
         with self.cond:
             while self.waiting and self.waiting + size > self.budget and self.failed is None:
                 self.cond.wait()
+            self.check()
             self.waiting += size
-        self.check()
-        self.pool.submit(self._write, path, data, mode, mtime, label or path)
+        try:
+            self.pool.submit(self._write, path, data, mode, mtime, label or path)
+        except BaseException:
+            with self.cond:
+                self.waiting -= size
+                self.cond.notify_all()
+            raise
 
     def room_for(self, size: int) -> bool:
         """Whether ``submit`` of ``size`` bytes would be accepted without waiting now."""
@@ -66,6 +72,7 @@ class SmallFiles:
                 self.cond.notify_all()
 
     def check(self) -> None:
+        """Raise the helper's first failure.  A caller that fails itself meanwhile may never see it: its own error is the one reported."""
         if self.failed is None:
             return
         label, exc = self.failed
@@ -91,8 +98,7 @@ def write_file(path: str, data: Data, mode: int = 0o600, mtime: float | None = N
     fd = create(path, exclusive)
     try:
         write_all(fd, data)
-        if mode != 0o600:
-            os.fchmod(fd, mode)
+        os.fchmod(fd, mode)  # whatever the umask
         if mtime is not None:
             os.utime(fd, (mtime, mtime))
     finally:

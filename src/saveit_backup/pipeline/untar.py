@@ -21,6 +21,7 @@ Contract of ``extract(raw, target, what, direct)``:
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tarfile
@@ -122,12 +123,15 @@ def _member_path(name: str, what: str) -> str:
     return "/".join(p for p in parts if p not in ("", "."))
 
 
-_CLASHES = (ValueError, FileExistsError, NotADirectoryError, IsADirectoryError)  # NUL in a name, a name used as file and directory
+def _clash(exc: BaseException) -> bool:
+    """A NUL in a name, a name used twice (as file, directory or link: the disk may fold case), a link in the way."""
+    return isinstance(exc, (ValueError, FileExistsError, NotADirectoryError, IsADirectoryError)) or (
+        isinstance(exc, OSError) and exc.errno == errno.ELOOP)
 
 
 def extract(raw: io.RawIOBase, target: str, what: str, direct: DirectFiles) -> tuple[int, int]:
     def clash(name: str, exc: BaseException) -> BaseException:
-        if isinstance(exc, _CLASHES):
+        if _clash(exc):
             return IntegrityError(f"{what}: cannot extract {name!r} from the archive: {exc}")
         return exc
 
@@ -177,7 +181,9 @@ def _extract(src: _Source, root: str, what: str, direct: DirectFiles, small: Sma
             if _extract_member(src, root, name, info, values.get("linkpath", info.linkname), size, made, direct, small, what):
                 files += 1
                 total += size
-        except _CLASHES as exc:
+        except (ValueError, OSError) as exc:
+            if not _clash(exc):
+                raise
             raise IntegrityError(f"{what}: cannot extract {name!r} from the archive: {exc}") from None
 
 
@@ -256,7 +262,7 @@ _KINDS = {tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device", tar
 
 def _write_big(src: _Source, dest: str, size: int, mtime: float, direct: DirectFiles) -> None:
     """``size`` bytes of ``src`` into the new file ``dest``: direct writes, else streamed through the cache."""
-    fd = direct.open(dest)
+    fd = direct.open(dest, exclusive=True)
     if fd is not None:
         try:
             direct.write(fd, src.limited(size), _ignore)

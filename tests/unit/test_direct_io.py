@@ -105,14 +105,14 @@ def test_refused_at_open_falls_back_for_good(tmp_path: Path, monkeypatch: pytest
 
 
 def test_refused_write_goes_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = os.write
+    real_write = os.pwrite
 
-    def misaligned(fd: int, data: Any) -> int:
+    def misaligned(fd: int, data: Any, offset: int) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(direct_io.os, "write", misaligned)
+    monkeypatch.setattr(direct_io.os, "pwrite", misaligned)
     data = random.Random(1).randbytes(BUF * 2 + 10)
     files = DirectFiles()
     try:
@@ -136,9 +136,9 @@ def test_errors_reach_the_caller_after_the_helper_is_done(tmp_path: Path, monkey
     finished: list[int] = []
     real_write_all = files._write_all
 
-    def slow_write_all(fd: int, view: memoryview) -> None:
+    def slow_write_all(fd: int, view: memoryview, offset: int) -> None:
         time.sleep(0.3)
-        real_write_all(fd, view)
+        real_write_all(fd, view, offset)
         finished.append(len(view))
 
     files._write_all = slow_write_all  # type: ignore[method-assign]
@@ -151,11 +151,11 @@ def test_errors_reach_the_caller_after_the_helper_is_done(tmp_path: Path, monkey
         finally:
             os.close(fd)
 
-        def full(fd: int, data: Any) -> int:
+        def full(fd: int, data: Any, offset: int) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         files._write_all = real_write_all  # type: ignore[method-assign]
-        monkeypatch.setattr(direct_io.os, "write", full)
+        monkeypatch.setattr(direct_io.os, "pwrite", full)
         fd = _open(files, tmp_path / "g")
         try:
             with pytest.raises(OSError, match="No space left"):
@@ -165,3 +165,32 @@ def test_errors_reach_the_caller_after_the_helper_is_done(tmp_path: Path, monkey
     finally:
         files.close()
     assert files.supported  # ENOSPC is no reason to stop writing directly
+
+
+def test_up_to_in_flight_writes_at_once_each_at_its_offset(tmp_path: Path) -> None:
+    """While one buffer fills, IN_FLIGHT others are written concurrently (pwrite at their own offsets)."""
+    import threading
+
+    files = DirectFiles()
+    real_write_all = files._write_all
+    lock = threading.Lock()
+    now = peak = 0
+
+    def counting(fd: int, view: memoryview, offset: int) -> None:
+        nonlocal now, peak
+        with lock:
+            now += 1
+            peak = max(peak, now)
+        time.sleep(0.05)
+        real_write_all(fd, view, offset)
+        with lock:
+            now -= 1
+
+    files._write_all = counting  # type: ignore[method-assign]
+    data = random.Random(9).randbytes(BUF * 6 + 123)
+    try:
+        size, _ = _write(files, tmp_path / "f", [data])
+    finally:
+        files.close()
+    assert size == len(data) and (tmp_path / "f").read_bytes() == data
+    assert peak == direct_io.IN_FLIGHT

@@ -12,11 +12,13 @@ Contract of ``DirectFiles``:
   system refuses O_DIRECT (the caller writes through the cache then, and so do later calls).
 * ``write(fd, readinto, update)`` fills buffers with ``readinto`` (a raw file's: 0 at the end; a zstd
   reader decompresses straight into them), passes each filled piece to ``update`` (the digest), writes
-  it, and returns the byte count.  Each calling thread owns two page-aligned buffers of
-  ``BUFFER_SIZE``: one fills while a helper thread writes the other, so decompressing and writing
-  overlap.  The last, partial block is written padded with zeros, then the file is cut to its size.
-  A write the device refuses as misaligned (EINVAL) is retried through the cache: O_DIRECT is cleared
-  on that descriptor and not used again.
+  it, and returns the byte count.  Each calling thread owns ``IN_FLIGHT + 1`` page-aligned buffers
+  of ``BUFFER_SIZE``: one fills while helper threads write up to ``IN_FLIGHT`` others at their
+  offsets, so decompressing and writing overlap and the disk sees more than one write at a time (two
+  direct writers took 1.55 s for 1.8 GB here where one took 1.70-2.11 s).  The last, partial block
+  is written padded with zeros, then the file is cut to its size.  A write the device refuses as
+  misaligned (EINVAL) is retried through the cache: O_DIRECT is cleared on that descriptor and not
+  used again.
 * ``close()`` ends the helper threads; the buffers go with their threads' data.
 """
 
@@ -31,15 +33,16 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 BUFFER_SIZE = 4 << 20
+IN_FLIGHT = 2  # direct writes of one calling thread at once
 ALIGN = 4096  # covers devices of 512- and 4096-byte logical blocks; buffers are page-aligned (mmap)
 
 
 class _Buffers:
-    """One thread's pair of buffers and the helper thread that writes them."""
+    """One thread's buffers and the helper threads that write them."""
 
     def __init__(self) -> None:
-        self.views = (memoryview(mmap.mmap(-1, BUFFER_SIZE)), memoryview(mmap.mmap(-1, BUFFER_SIZE)))
-        self.io = ThreadPoolExecutor(1, thread_name_prefix="direct-io")
+        self.views = [memoryview(mmap.mmap(-1, BUFFER_SIZE)) for _ in range(IN_FLIGHT + 1)]
+        self.io = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="direct-io")
 
 
 class DirectFiles:
@@ -63,28 +66,31 @@ class DirectFiles:
 
     def write(self, fd: int, readinto: Callable[[memoryview], int], update: Callable[[memoryview], object]) -> int:
         bufs = self._buffers()
+        busy: list[Future[None] | None] = [None] * len(bufs.views)  # the write of each buffer, if any
         cur, fill, size = 0, 0, 0
-        pending: Future[None] | None = None
         try:
             while n := readinto(bufs.views[cur][fill:]):
                 update(bufs.views[cur][fill : fill + n])
                 fill += n
                 size += n
                 if fill == BUFFER_SIZE:
-                    if pending is not None:
+                    busy[cur] = bufs.io.submit(self._write_all, fd, bufs.views[cur], size - fill)
+                    cur, fill = (cur + 1) % len(busy), 0
+                    if (pending := busy[cur]) is not None:  # the buffer to fill next: its write must be done
+                        busy[cur] = None
                         pending.result()
-                    pending = bufs.io.submit(self._write_all, fd, bufs.views[cur])
-                    cur, fill = cur ^ 1, 0
-        except BaseException:  # the helper never writes to a descriptor the caller closes (and the system reuses)
-            if pending is not None:
-                pending.exception()  # waits; the caller's error is raised, the helper's (if any) dropped
+        except BaseException:  # the helpers never write to a descriptor the caller closes (and the system reuses)
+            for f in busy:
+                if f is not None:
+                    f.exception()  # waits; the caller's error is raised, the helpers' (if any) dropped
             raise
-        if pending is not None:
-            pending.result()
+        for f in busy:
+            if f is not None:
+                f.result()
         if fill:
             padded = -(-fill // ALIGN) * ALIGN
             bufs.views[cur][fill:padded] = bytes(padded - fill)
-            self._write_all(fd, bufs.views[cur][:padded])
+            self._write_all(fd, bufs.views[cur][:padded], size - fill)
             if padded != fill:
                 os.ftruncate(fd, size)
         return size
@@ -103,10 +109,10 @@ class DirectFiles:
                 self._all.append(bufs)
         return bufs
 
-    def _write_all(self, fd: int, view: memoryview) -> None:
+    def _write_all(self, fd: int, view: memoryview, offset: int) -> None:
         while view:
             try:
-                view = view[os.write(fd, view) :]
+                done = os.pwrite(fd, view, offset)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -115,3 +121,5 @@ class DirectFiles:
                     raise
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
                 self.supported = False
+                continue
+            view, offset = view[done:], offset + done

@@ -314,18 +314,21 @@ def test_wal_fetch_serves_the_prefetch_cache_before_loading_anything(tmp_path: P
     assert "saveit_backup.cli_wal" in miss.stderr  # the full wal-fetch ran
 
 
-@pytest.mark.parametrize("with_config", [False, True])
-def test_sync_push_loads_only_the_push_path(tmp_path: Path, with_config: bool) -> None:
+@pytest.mark.parametrize("how", ["env", "config", "encrypted"])
+def test_sync_push_loads_only_the_push_path(tmp_path: Path, how: str) -> None:
     """archive_command runs once per WAL file: a sync push of a new segment into a local repository loads
     zstd's C backend without its package (platform, typing's share) and no thread, date, logging, dataclass
-    or hashing machinery, nor the async spool.  The first push initialises the repository, which may load more."""
+    or hashing machinery (an encrypted push: not the standard library's OpenSSL either, the key coming
+    from the key cache), nor the async spool.  The first push initialises the repository, which may load more."""
     import subprocess
     import sys
 
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "BACKUP_REPOSITORY": f"file://{tmp_path / 'repo'}"}
-    if with_config:  # as the README's archive_command: the settings in a file, read without tomllib
+    if how == "config":  # as the README's archive_command: the settings in a file, read without tomllib
         (tmp_path / "saveit.toml").write_text(f'# archive\nrepository = "file://{tmp_path / "repo"}"\ncompression_level = 3\n')
         env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "BACKUP_CONFIG": str(tmp_path / "saveit.toml")}
+    if how == "encrypted":
+        env |= {"BACKUP_ENCRYPTION_PASSPHRASE": "import test", "BACKUP_KEY_CACHE_DIR": str(tmp_path / "keys")}
 
     def push_cli(path: Path) -> set[str]:
         done = subprocess.run([sys.executable, "-X", "importtime", "-m", "saveit_backup", "wal-push", str(path)], env=env,
@@ -338,10 +341,16 @@ def test_sync_push_loads_only_the_push_path(tmp_path: Path, with_config: bool) -
     assert {"saveit_backup.ops.wal_push", "saveit_backup.storage.local"} <= imported  # (the backend is loaded outside the import log)
     assert not imported & {"zstandard", "platform", "threading", "datetime", "logging", "dataclasses", "hashlib", "argparse",
                            "saveit_backup.domain.manifest", "saveit_backup.cli", "saveit_backup.ops.wal_spool",
-                           "saveit_backup.domain.timeline", "tomllib"}
+                           "saveit_backup.domain.timeline", "tomllib", "hmac", "_hashlib"}
+    assert ("cryptography.hazmat.primitives.ciphers.aead" in imported) == (how == "encrypted")
     from saveit_backup.repo.layout import wal_key
     from saveit_backup.storage.local import LocalStorage
 
     stored = Repository(LocalStorage(str(tmp_path / "repo")))
+    if how == "encrypted":
+        from saveit_backup.pipeline.crypto import Keyring
+
+        stored = Repository(LocalStorage(str(tmp_path / "repo")), Keyring(passphrase="import test"))
+        stored.load_config()
     for name in ("000000010000000000000009", "00000001000000000000000A"):
         assert b"".join(stored.read_object(wal_key(name))) == (tmp_path / name).read_bytes()

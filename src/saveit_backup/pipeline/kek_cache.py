@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import TYPE_CHECKING
 
 from saveit_backup.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.hmac import HMAC
 
 KEK_SIZE = 32
 TAG_SIZE = 32
@@ -45,13 +49,18 @@ def resolve(setting: str) -> str | None:
     return f"/dev/shm/saveit-backup-{os.geteuid()}" if os.path.isdir("/dev/shm") else None
 
 
-def _hmac(passphrase: str, *parts: bytes) -> bytes:
-    # cryptography's HMAC: its library is loaded for AES-GCM anyway; hashlib would load OpenSSL again (3 ms)
+def _mac(passphrase: str, *parts: bytes) -> HMAC:
+    # cryptography's HMAC: its library is loaded for AES-GCM anyway; the standard library's hmac and
+    # hashlib would load OpenSSL again (3-4 ms a call)
     from cryptography.hazmat.primitives import hashes, hmac
 
     mac = hmac.HMAC(passphrase.encode(), hashes.SHA256())
     mac.update(b"|".join([_NAME_CONTEXT, *parts]))
-    return mac.finalize()
+    return mac
+
+
+def _hmac(passphrase: str, *parts: bytes) -> bytes:
+    return bytes(_mac(passphrase, *parts).finalize())
 
 
 def entry_name(passphrase: str, salt: bytes, n: int, r: int, p: int) -> str:
@@ -60,6 +69,17 @@ def entry_name(passphrase: str, salt: bytes, n: int, r: int, p: int) -> str:
 
 def _tag(passphrase: str, name: str, kek: bytes) -> bytes:
     return _hmac(passphrase, b"entry", name.encode(), kek)
+
+
+def _tag_matches(passphrase: str, name: str, kek: bytes, tag: bytes) -> bool:
+    """In constant time (``HMAC.verify``)."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        _mac(passphrase, b"entry", name.encode(), kek).verify(tag)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _private(st: os.stat_result) -> bool:
@@ -77,8 +97,6 @@ def _open_dir(directory: str) -> int | None:
 
 def load(directory: str, passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes | None:
     """The cached KEK, or None (missing, damaged or not trusted: see the module contract)."""
-    import hmac
-
     try:
         name = entry_name(passphrase, salt, n, r, p)
         dfd = _open_dir(directory)
@@ -96,7 +114,7 @@ def load(directory: str, passphrase: str, salt: bytes, n: int, r: int, p: int) -
         finally:
             os.close(fd)
         kek, tag = data[:KEK_SIZE], data[KEK_SIZE:]
-        return kek if len(data) == KEK_SIZE + TAG_SIZE and hmac.compare_digest(tag, _tag(passphrase, name, kek)) else None
+        return kek if len(data) == KEK_SIZE + TAG_SIZE and _tag_matches(passphrase, name, kek, tag) else None
     except Exception:  # the cache only saves time
         return None
 

@@ -194,3 +194,60 @@ def test_up_to_in_flight_writes_at_once_each_at_its_offset(tmp_path: Path) -> No
         files.close()
     assert size == len(data) and (tmp_path / "f").read_bytes() == data
     assert peak == direct_io.IN_FLIGHT
+
+
+def test_an_error_after_the_loop_waits_for_the_other_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two full buffers in flight when the source ends: the first write's error is raised only once the
+    second write has ended too (the caller closes the descriptor right after)."""
+    import threading
+
+    files = DirectFiles()
+    real_write_all = files._write_all
+    ended: list[int] = []
+
+    def first_fails_second_slow(fd: int, view: memoryview, offset: int) -> None:
+        if offset == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        time.sleep(0.3)
+        real_write_all(fd, view, offset)
+        ended.append(offset)
+
+    files._write_all = first_fails_second_slow  # type: ignore[method-assign]
+    try:
+        fd = _open(files, tmp_path / "f")
+        try:
+            with pytest.raises(OSError, match="No space"):
+                files.write(fd, ChunkReader([bytes(2 * BUF)]).readinto, lambda c: None)
+            assert ended == [BUF]
+        finally:
+            os.close(fd)
+    finally:
+        files.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("direct-io")]
+
+
+def test_both_writes_in_flight_refused_at_once_fall_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device refusing direct writes refuses both in-flight ones; the helper that finds O_DIRECT already
+    cleared by the other retries through the cache instead of failing the restore."""
+    import threading
+
+    real_write = os.pwrite
+    both = threading.Barrier(2, timeout=5)
+    refused: list[int] = []
+
+    def refuse_together(fd: int, data: Any, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and len(refused) < 2:
+            refused.append(offset)
+            both.wait()  # both writes were issued with O_DIRECT set
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", refuse_together)
+    data = random.Random(4).randbytes(BUF * 3 + 77)
+    files = DirectFiles()
+    try:
+        size, _ = _write(files, tmp_path / "f", [data])
+    finally:
+        files.close()
+    assert sorted(refused) == [0, BUF] and size == len(data)
+    assert (tmp_path / "f").read_bytes() == data and not files.supported

@@ -84,9 +84,9 @@ class DirectFiles:
                 if f is not None:
                     f.exception()  # waits; the caller's error is raised, the helpers' (if any) dropped
             raise
-        for f in busy:
-            if f is not None:
-                f.result()
+        errors = [f.exception() for f in busy if f is not None]  # every write ended before one's error is raised
+        if failed := next((e for e in errors if e is not None), None):
+            raise failed
         if fill:
             padded = -(-fill // ALIGN) * ALIGN
             bufs.views[cur][fill:padded] = bytes(padded - fill)
@@ -110,16 +110,18 @@ class DirectFiles:
         return bufs
 
     def _write_all(self, fd: int, view: memoryview, offset: int) -> None:
+        cached = False  # a write was refused after O_DIRECT was cleared: the next refusal is final
         while view:
             try:
                 done = os.pwrite(fd, view, offset)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if exc.errno != errno.EINVAL or cached:
                     raise
                 flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-                if not flags & os.O_DIRECT:
-                    raise
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                if flags & os.O_DIRECT:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                else:  # the other helper cleared it while this write was already refused: once more, through the cache
+                    cached = True
                 self.supported = False
                 continue
             view, offset = view[done:], offset + done

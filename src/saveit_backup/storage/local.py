@@ -65,11 +65,12 @@ class LocalStorage:
             os.makedirs(parent, mode=0o700, exist_ok=True)
             if if_absent and os.path.exists(final):
                 raise AlreadyExists(f"object {key} already exists")
-            fd = self._create(tmp, data)
+            fd, direct = self._create(tmp, data)
             try:
                 with os.fdopen(fd, "wb", closefd=True) as out:
-                    if _is_direct(fd):
-                        _write_direct(fd, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
+                    if direct:
+                        if not _write_direct(fd, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+                            self.direct = False  # the device refused a direct write: the cache from now on
                     elif isinstance(data, (bytes, bytearray, memoryview)):
                         out.write(data)  # bigger than the buffer: written as it is, no copy in chunks
                     else:
@@ -89,19 +90,24 @@ class LocalStorage:
         except OSError as exc:
             raise classify_os_error(exc, f"writing {key} in {self.root}") from exc
 
-    def _create(self, tmp: str, data: Data) -> int:
-        """The new temporary file, opened for direct writes when ``data`` is big enough (or a stream) and the file system allows it."""
+    def _create(self, tmp: str, data: Data) -> tuple[int, bool]:
+        """The new temporary file, and whether it is open for direct writes: when ``data`` is big enough
+        (or a stream) and the file system allows it."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         small = isinstance(data, (bytes, bytearray, memoryview)) and len(data) < DIRECT_MIN
         if self.direct and not small and hasattr(os, "O_DIRECT"):
             try:
-                return os.open(tmp, flags | os.O_DIRECT, 0o600)
+                return os.open(tmp, flags | os.O_DIRECT, 0o600), True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self.direct = False  # refused; the kernel may have created the file first
-                return os.open(tmp, flags & ~os.O_EXCL, 0o600)
-        return os.open(tmp, flags, 0o600)
+                try:
+                    return os.open(tmp, flags & ~os.O_EXCL, 0o600), False
+                except BaseException:
+                    _unlink_quietly(tmp)
+                    raise
+        return os.open(tmp, flags, 0o600), False
 
     @staticmethod
     def _fsync_dir(path: str) -> None:
@@ -185,12 +191,16 @@ def _is_direct(fd: int) -> bool:
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
 
 
-def _write_direct(fd: int, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+def _write_direct(fd: int, chunks: Iterable[bytes | bytearray | memoryview]) -> bool:
     """The chunks into the new file ``fd`` (opened with O_DIRECT) through a reused aligned buffer, the last
-    piece padded and the file cut to its size."""
+    piece padded and the file cut to its size.  False if the device refused a direct write (the rest
+    then went through the cache)."""
     import mmap
 
-    piece = _SPARE_PIECES.pop() if _SPARE_PIECES else memoryview(mmap.mmap(-1, _PIECE))
+    try:
+        piece = _SPARE_PIECES.pop()
+    except IndexError:
+        piece = memoryview(mmap.mmap(-1, _PIECE))
     fill = size = 0
     try:
         for chunk in chunks:
@@ -212,6 +222,7 @@ def _write_direct(fd: int, chunks: Iterable[bytes | bytearray | memoryview]) -> 
             os.ftruncate(fd, size)
     finally:
         _SPARE_PIECES.append(piece)
+    return _is_direct(fd)
 
 
 def _write_all_direct(fd: int, view: memoryview) -> None:

@@ -7,7 +7,7 @@ import fcntl
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,15 +104,20 @@ def test_refused_at_open_falls_back_for_good(tmp_path: Path, monkeypatch: pytest
     assert len(calls) == 1  # not tried again
 
 
-def test_refused_write_goes_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _refuse_direct_writes(monkeypatch: pytest.MonkeyPatch, refuse: Callable[[int], bool]) -> None:
+    """``os.pwrite`` refusing (EINVAL) a direct write at an offset for which ``refuse`` says so; others pass."""
     real_write = os.pwrite
 
-    def misaligned(fd: int, data: Any, offset: int) -> int:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+    def refusing(fd: int, data: Any, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and refuse(offset):
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data, offset)
 
-    monkeypatch.setattr(direct_io.os, "pwrite", misaligned)
+    monkeypatch.setattr(direct_io.os, "pwrite", refusing)
+
+
+def test_refused_write_goes_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _refuse_direct_writes(monkeypatch, lambda offset: True)
     data = random.Random(1).randbytes(BUF * 2 + 10)
     files = DirectFiles()
     try:
@@ -231,18 +236,17 @@ def test_both_writes_in_flight_refused_at_once_fall_back(tmp_path: Path, monkeyp
     cleared by the other retries through the cache instead of failing the restore."""
     import threading
 
-    real_write = os.pwrite
     both = threading.Barrier(2, timeout=5)
     refused: list[int] = []
 
-    def refuse_together(fd: int, data: Any, offset: int) -> int:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and len(refused) < 2:
-            refused.append(offset)
-            both.wait()  # both writes were issued with O_DIRECT set
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data, offset)
+    def together(offset: int) -> bool:
+        if len(refused) >= 2:
+            return False
+        refused.append(offset)
+        both.wait()  # both writes were issued with O_DIRECT set
+        return True
 
-    monkeypatch.setattr(direct_io.os, "pwrite", refuse_together)
+    _refuse_direct_writes(monkeypatch, together)
     data = random.Random(4).randbytes(BUF * 3 + 77)
     files = DirectFiles()
     try:

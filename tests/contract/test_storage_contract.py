@@ -318,7 +318,7 @@ def test_local_direct_refused_falls_back_to_the_cache(tmp_path: Path, monkeypatc
     misaligned after a first one went through (the rest through the cache): the object is byte-exact, and
     later objects go through the cache."""
     _skip_without_o_direct(tmp_path)
-    real_open, real_write = os.open, os.write
+    real_open, real_write = os.open, os.pwrite
     body = pattern(2 * MiB + 5)
 
     def open_refusing(path: Any, flags: int, *args: Any, **kw: Any) -> int:
@@ -335,16 +335,16 @@ def test_local_direct_refused_falls_back_to_the_cache(tmp_path: Path, monkeypatc
 
     direct_writes: list[int] = []
 
-    def second_refused(fd: int, data: Any) -> int:
+    def second_refused(fd: int, data: Any, offset: int) -> int:
         import fcntl
 
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             direct_writes.append(len(data))
             if len(direct_writes) == 2:
                 raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(local_storage.os, "write", second_refused)
+    monkeypatch.setattr(local_storage.os, "pwrite", second_refused)
     other = LocalStorage(tmp_path / "b")
     other.put("k", stream(3 * MiB + 1))
     assert direct_writes == [MiB, MiB] and not other.direct  # one piece direct, the rest through the cache

@@ -28,9 +28,11 @@ import errno
 import fcntl
 import mmap
 import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # threads load only for DirectFiles: write_at and write_tail serve wal-push's storage too
+    from concurrent.futures import Future
 
 BUFFER_SIZE = 4 << 20
 IN_FLIGHT = 2  # direct writes of one calling thread at once
@@ -41,12 +43,16 @@ class _Buffers:
     """One thread's buffers and the helper threads that write them."""
 
     def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.views = [memoryview(mmap.mmap(-1, BUFFER_SIZE)) for _ in range(IN_FLIGHT + 1)]
         self.io = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="direct-io")
 
 
 class DirectFiles:
     def __init__(self) -> None:
+        import threading
+
         self.supported = hasattr(os, "O_DIRECT")
         self._local = threading.local()
         self._all: list[_Buffers] = []
@@ -87,12 +93,8 @@ class DirectFiles:
         errors = [f.exception() for f in busy if f is not None]  # every write ended before one's error is raised
         if failed := next((e for e in errors if e is not None), None):
             raise failed
-        if fill:
-            padded = -(-fill // ALIGN) * ALIGN
-            bufs.views[cur][fill:padded] = bytes(padded - fill)
-            self._write_all(fd, bufs.views[cur][:padded], size - fill)
-            if padded != fill:
-                os.ftruncate(fd, size)
+        if fill and not write_tail(fd, bufs.views[cur], fill, size - fill):
+            self.supported = False
         return size
 
     def close(self) -> None:
@@ -110,18 +112,39 @@ class DirectFiles:
         return bufs
 
     def _write_all(self, fd: int, view: memoryview, offset: int) -> None:
-        cached = False  # a write was refused after O_DIRECT was cleared: the next refusal is final
-        while view:
-            try:
-                done = os.pwrite(fd, view, offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or cached:
-                    raise
-                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-                if flags & os.O_DIRECT:
-                    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-                else:  # the other helper cleared it while this write was already refused: once more, through the cache
-                    cached = True
-                self.supported = False
-                continue
-            view, offset = view[done:], offset + done
+        if not write_at(fd, view, offset):
+            self.supported = False
+
+
+def write_at(fd: int, view: memoryview, offset: int) -> bool:
+    """All of ``view`` at ``offset`` of ``fd``; False if a write was refused as misaligned (EINVAL): O_DIRECT
+    is then cleared on ``fd`` and the rest goes through the cache (once more when another thread had
+    cleared it while this write was already refused; a refusal after that is raised)."""
+    direct = True
+    cached = False
+    while view:
+        try:
+            done = os.pwrite(fd, view, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or cached:
+                raise
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if flags & os.O_DIRECT:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            else:
+                cached = True
+            direct = False
+            continue
+        view, offset = view[done:], offset + done
+    return direct
+
+
+def write_tail(fd: int, buf: memoryview, fill: int, offset: int) -> bool:
+    """A file's last ``fill`` bytes, at the start of the aligned ``buf``, written at ``offset`` padded with
+    zeros to ``ALIGN``; the file is then cut to ``offset + fill``.  Returns ``write_at``'s answer."""
+    padded = -(-fill // ALIGN) * ALIGN
+    buf[fill:padded] = bytes(padded - fill)
+    direct = write_at(fd, buf[:padded], offset)
+    if padded != fill:
+        os.ftruncate(fd, offset + fill)
+    return direct

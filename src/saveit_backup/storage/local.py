@@ -29,8 +29,7 @@ from saveit_backup.storage.base import CHUNK_SIZE, TMP_SUFFIX, Capabilities, Dat
 
 _TMP_SUFFIX = TMP_SUFFIX
 DIRECT_MIN = 256 << 10
-_PIECE = 1 << 20
-_ALIGN = 4096
+_PIECE = 1 << 20  # a multiple of direct_io.ALIGN
 _SPARE_PIECES: list[memoryview] = []  # aligned buffers for the next put (list.pop/append are atomic)
 
 
@@ -185,23 +184,20 @@ class LocalStorage:
             parent = os.path.dirname(parent)
 
 
-def _is_direct(fd: int) -> bool:
-    import fcntl
-
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
-
-
 def _write_direct(fd: int, chunks: Iterable[bytes | bytearray | memoryview]) -> bool:
     """The chunks into the new file ``fd`` (opened with O_DIRECT) through a reused aligned buffer, the last
-    piece padded and the file cut to its size.  False if the device refused a direct write (the rest
-    then went through the cache)."""
+    piece padded and the file cut to its size (``pipeline.direct_io``).  False if the device refused a
+    direct write (the rest then went through the cache)."""
     import mmap
+
+    from saveit_backup.pipeline.direct_io import write_at, write_tail
 
     try:
         piece = _SPARE_PIECES.pop()
     except IndexError:
         piece = memoryview(mmap.mmap(-1, _PIECE))
     fill = size = 0
+    direct = True
     try:
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
@@ -211,30 +207,13 @@ def _write_direct(fd: int, chunks: Iterable[bytes | bytearray | memoryview]) -> 
                 fill += n
                 view = view[n:]
                 if fill == _PIECE:
-                    _write_all_direct(fd, piece)
+                    direct = write_at(fd, piece, size) and direct
                     size, fill = size + fill, 0
         if fill:
-            padded = -(-fill // _ALIGN) * _ALIGN
-            piece[fill:padded] = bytes(padded - fill)
-            _write_all_direct(fd, piece[:padded])
-            size += fill
-        if size % _ALIGN:
-            os.ftruncate(fd, size)
+            direct = write_tail(fd, piece, fill, size) and direct
     finally:
         _SPARE_PIECES.append(piece)
-    return _is_direct(fd)
-
-
-def _write_all_direct(fd: int, view: memoryview) -> None:
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except OSError as exc:
-            if exc.errno != errno.EINVAL or not _is_direct(fd):
-                raise
-            import fcntl
-
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+    return direct
 
 
 def _unlink_quietly(path: str) -> None:
